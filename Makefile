@@ -1,0 +1,35 @@
+# Every target creates .venv when it is missing and reinstalls only when
+# pyproject.toml changed (the stamp file), so a second `make test` starts at once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Tests and the demo must not depend on what a user has on the machine.
+export RAY_AUTH_MODE ?= token
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test test-fast lint omniglot clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	$(BIN)/fewshot demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+lint: setup
+	$(BIN)/ruff check platform tests jobs
+	$(BIN)/ruff format --check platform tests jobs
+
+clean:
+	rm -rf $(VENV) demo-output mlruns mlflow.db

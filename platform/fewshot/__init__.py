@@ -1,0 +1,2 @@
+"""fewshot: distributed few-shot meta-training."""
+__version__ = "0.1.0"

@@ -1,0 +1,241 @@
+"""Every setting of a run, as one pydantic tree read from YAML.
+
+`load_config(path, overrides)` reads a YAML file, applies `--set a.b=value`
+overrides and validates the result. A wrong key or value raises a `ConfigError`
+whose one line starts with the dotted path (`episode.n_way: must be >= 2`).
+`resolved_yaml(config)` writes the full tree back, defaults included, which is
+what every run logs.
+
+Method settings live under `method:` next to `name:`; each method declares its
+own pydantic model (`Params`), so adding a method never touches this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fewshot.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: Path = Path("data/synthetic")
+    train_split: list[str] = ["train"]
+    val_split: str | None = "val"
+    test_split: str = "test"
+    image_size: int = Field(28, ge=8, le=512)
+    within_group: bool = False  # all classes of an episode from one group (alphabet)
+
+    @field_validator("train_split", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EpisodeConfig(Section):
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    q_query: int = Field(15, ge=1)
+    meta_batch: int = Field(4, ge=1)  # tasks per optimiser step, over all workers
+
+
+class BackboneConfig(Section):
+    name: Literal["conv4", "conv4_nopool", "resnet12", "wrn28_10"] = "conv4"
+    width: int | None = Field(None, ge=1)  # channels of the first stage; None: the usual
+
+
+class MethodConfig(BaseModel):
+    """`name` picks the method; the other keys are that method's `Params`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "protonet"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "step"
+    step_every: int = Field(500, ge=1)  # "step" schedule: multiply lr by gamma this often
+    gamma: float = Field(0.5, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_every: int = Field(250, ge=1)  # validation round and checkpoint
+    val_episodes: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast: fast on CPUs with AMX and on recent GPUs. "auto": bf16 on GPU.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    channels_last: bool = False
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's choice
+    output_dir: Path = Path("runs")
+
+
+class EvaluateConfig(Section):
+    """Fixed test episodes. Unset shape fields take the training episode's."""
+
+    episodes: int = Field(600, ge=1)
+    n_way: int | None = Field(None, ge=2)
+    k_shot: int | None = Field(None, ge=1)
+    q_query: int | None = Field(None, ge=1)
+    within_group: bool | None = None
+    seed: int = 0  # separate from the run's seed so every method sees the same episodes
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "fewshot"
+
+
+class Config(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    episode: EpisodeConfig = EpisodeConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def eval_episode(self) -> EpisodeConfig:
+        """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""
+        e = self.evaluate
+        return EpisodeConfig(
+            n_way=e.n_way or self.episode.n_way,
+            k_shot=e.k_shot or self.episode.k_shot,
+            q_query=e.q_query or self.episode.q_query,
+            meta_batch=1,
+        )
+
+    def eval_within_group(self) -> bool:
+        w = self.evaluate.within_group
+        return self.data.within_group if w is None else w
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """pydantic's error as a short phrase ("must be >= 2")."""
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}"
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; `fewshot train --help` lists sections)"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def _raise(exc: ValidationError, prefix: str = "") -> None:
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    raise ConfigError(f"{prefix}{path}: {_describe(first)}{shown}") from None
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """A validated Config from a plain dict, with the method's own settings checked."""
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        _raise(exc)
+    from fewshot.methods import method_class  # methods import config types
+
+    cls = method_class(config.method.name)
+    try:
+        params = cls.Params.model_validate(config.method.params())
+    except ValidationError as exc:
+        _raise(exc, prefix="method.")
+    config.method = MethodConfig(name=config.method.name, **params.model_dump(mode="json"))
+    return config
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=500")
+        _set(raw, key.strip(), yaml.safe_load(text))
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start from the defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def resolved_yaml(config: Config) -> str:
+    return yaml.safe_dump(as_dict(config), sort_keys=False)
+
+
+def config_hash(config: Config, exclude: tuple[str, ...] = ()) -> str:
+    """A short hash of the resolved config (what decides the result), for tags and resume."""
+    tree = as_dict(config)
+    for key in exclude:
+        tree.pop(key, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

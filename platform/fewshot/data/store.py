@@ -1,0 +1,314 @@
+"""The on-disk dataset store: one directory per dataset.
+
+    DIR/manifest.json               name, image shape, channels, normalisation,
+                                    splits with class and image counts, source checksum
+    DIR/split=NAME/part-00000.parquet   label:int32, class_name:string, group:string,
+                                        image:binary (encoded PNG or JPEG)
+
+A store is built in a hidden sibling directory and renamed into place only once
+its manifest is written, so a directory with a manifest is always complete and
+an interrupted conversion leaves nothing that looks done. Converting the same
+source twice is a no-op (the source checksum is in the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fewshot.errors import DataError
+
+MANIFEST = "manifest.json"
+STORE_VERSION = 1
+ROWS_PER_PART = 4096
+SCHEMA = pa.schema(
+    [
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("group", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image as a converter yields it."""
+
+    class_name: str
+    group: str
+    image: bytes  # encoded PNG or JPEG
+
+
+@dataclass
+class SourceInfo:
+    """What a converter knows about its dataset beyond the images."""
+
+    name: str
+    source: str  # converter name, e.g. "omniglot"
+    checksum: str  # sha256 of the raw input, decides idempotence
+    channels: int
+    image_shape: tuple[int, int]
+    invert: bool = False  # dark strokes on white paper: invert so ink is high
+    partial: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = "it is not a prepared dataset" if root.exists() else "it does not exist"
+        raise DataError(f"dataset {root}: {hint}; run `fewshot data prepare ...` first")
+    return json.loads(path.read_text())
+
+
+def existing_store(out: Path, checksum: str, overwrite: bool) -> bool:
+    """True when `out` already holds this source; refuses to clobber another one."""
+    if not out.exists():
+        return False
+    if not (out / MANIFEST).is_file():
+        if any(out.iterdir()):
+            raise DataError(f"{out} exists and is not a dataset; choose another --out")
+        out.rmdir()
+        return False
+    if read_manifest(out).get("source_checksum") == checksum and not overwrite:
+        return True
+    if not overwrite:
+        raise DataError(
+            f"{out} holds a dataset from another source; pass --overwrite or choose another --out"
+        )
+    return False
+
+
+def write_store(
+    out: str | Path,
+    info: SourceInfo,
+    splits: dict[str, Iterable[Example]],
+    overwrite: bool = False,
+) -> dict:
+    """Write `splits` to `out` atomically and return the manifest.
+
+    Labels are 0..C-1 per split in sorted class-name order, so the same source
+    always gives the same labels.
+    """
+    out = Path(out)
+    if existing_store(out, info.checksum, overwrite):
+        return read_manifest(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        rows = {name: list(examples) for name, examples in splits.items()}
+        split_meta = {name: _write_split(staging / f"split={name}", examples)
+                      for name, examples in rows.items()}
+        mean, std = _normalisation(next(iter(rows.values())), info)
+        manifest = {
+            "name": info.name,
+            "source": info.source,
+            "store_version": STORE_VERSION,
+            "source_checksum": info.checksum,
+            "channels": info.channels,
+            "image_shape": list(info.image_shape),
+            "normalisation": {"mean": mean, "std": std},
+            "invert": info.invert,
+            "partial": info.partial,
+            "splits": split_meta,
+            **info.extra,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():  # --overwrite: swap, never leaving `out` half-written
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            staging.rename(out)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(out)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_split(directory: Path, examples: Iterable[Example]) -> dict:
+    rows = sorted(examples, key=lambda e: e.class_name)  # stable: keeps file order per class
+    if not rows:
+        raise DataError(f"split {directory.name[6:]} has no images; check the source")
+    classes = sorted({e.class_name for e in rows})
+    label_of = {name: i for i, name in enumerate(classes)}
+    directory.mkdir(parents=True)
+    for part, start in enumerate(range(0, len(rows), ROWS_PER_PART)):
+        chunk = rows[start : start + ROWS_PER_PART]
+        table = pa.table(
+            {
+                "label": [label_of[e.class_name] for e in chunk],
+                "class_name": [e.class_name for e in chunk],
+                "group": [e.group for e in chunk],
+                "image": [e.image for e in chunk],
+            },
+            schema=SCHEMA,
+        )
+        pq.write_table(table, directory / f"part-{part:05d}.parquet")
+    per_class = np.bincount([label_of[e.class_name] for e in rows])
+    return {
+        "classes": len(classes),
+        "images": len(rows),
+        "groups": len({e.group for e in rows}),
+        "min_images_per_class": int(per_class.min()),
+    }
+
+
+def _normalisation(examples: list[Example], info: SourceInfo) -> tuple[list, list]:
+    """Per-channel mean and std in [0, 1] after inversion, from up to 512 images."""
+    step = max(1, len(examples) // 512)
+    pixels = np.stack([
+        decode_image(e.image, 64, info.channels, info.invert) for e in examples[::step]
+    ]).astype(np.float64) / 255.0
+    mean = pixels.mean(axis=(0, 2, 3))
+    std = pixels.std(axis=(0, 2, 3)) + 1e-6
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+def check_image(data: bytes, where: str) -> None:
+    """Refuse bytes that PIL cannot decode, naming the file."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{where}: not a readable image ({exc}); remove or replace it") from None
+
+
+# ---------------------------------------------------------------------------------
+# Loading: decode a split once per worker into one uint8 tensor.
+
+
+@dataclass
+class ImageSet:
+    """A decoded split (or several, concatenated).
+
+    images: uint8 [N, C, H, W] at the training resolution, ink high when inverted
+    labels: int64 [N], 0..C-1
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    class_groups: list[str]
+    mean: list[float]
+    std: list[float]
+    by_class: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        order = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
+        self.by_class = list(torch.split(order, counts))
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def groups(self) -> dict[str, list[int]]:
+        """group name -> class labels in it."""
+        out: dict[str, list[int]] = {}
+        for label, group in enumerate(self.class_groups):
+            out.setdefault(group, []).append(label)
+        return out
+
+    def require_images_per_class(self, needed: int, what: str) -> None:
+        for label, idx in enumerate(self.by_class):
+            if len(idx) < needed:
+                raise DataError(
+                    f"class {self.class_names[label]!r} has {len(idx)} images, fewer than "
+                    f"{what} = {needed}; lower the shots/queries or drop the class"
+                )
+
+
+def decode_image(data: bytes, size: int, channels: int, invert: bool) -> np.ndarray:
+    """Encoded bytes -> uint8 [C, size, size] (antialiased resize)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+    if invert:
+        array = 255 - array
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _iter_tables(root: Path, split: str) -> Iterator[pa.Table]:
+    directory = root / f"split={split}"
+    parts = sorted(directory.glob("part-*.parquet"))
+    if not parts:
+        raise DataError(f"dataset {root} has no split {split!r}; see `fewshot data info {root}`")
+    for part in parts:
+        yield pq.read_table(part)
+
+
+def load_split(root: str | Path, split: str | list[str], image_size: int) -> ImageSet:
+    """Decode one split, or several concatenated with labels offset, once."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    names = [split] if isinstance(split, str) else list(split)
+    known = manifest["splits"]
+    for name in names:
+        if name not in known:
+            raise DataError(
+                f"dataset {root} has no split {name!r}; it has {sorted(known)} "
+                "(set data.train_split / data.test_split)"
+            )
+    channels, invert = manifest["channels"], manifest.get("invert", False)
+    blobs: list[bytes] = []
+    labels: list[np.ndarray] = []
+    class_names: list[str] = []
+    class_groups: list[str] = []
+    for name in names:
+        offset = len(class_names)
+        first_seen: dict[int, tuple[str, str]] = {}
+        for table in _iter_tables(root, name):
+            split_labels = table.column("label").to_numpy()
+            for label, cls, group in zip(
+                split_labels.tolist(),
+                table.column("class_name").to_pylist(),
+                table.column("group").to_pylist(),
+                strict=True,
+            ):
+                first_seen.setdefault(label, (cls, group))
+            labels.append(split_labels.astype(np.int64) + offset)
+            blobs.extend(table.column("image").to_pylist())
+        for label in range(len(first_seen)):
+            cls, group = first_seen[label]
+            class_names.append(cls if len(names) == 1 else f"{name}/{cls}")
+            class_groups.append(group)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(lambda b: decode_image(b, image_size, channels, invert), blobs,
+                               chunksize=256))
+    norm = manifest["normalisation"]
+    return ImageSet(
+        images=torch.from_numpy(np.stack(arrays)),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        class_names=class_names,
+        class_groups=class_groups,
+        mean=norm["mean"],
+        std=norm["std"],
+    )

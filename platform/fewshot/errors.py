@@ -1,0 +1,21 @@
+"""Errors a user can cause.
+
+Each is one line that names the bad value and says what to do; the CLI prints it
+and exits non-zero without a traceback.
+"""
+
+
+class FewShotError(Exception):
+    """Base class: the message is shown to the user as it is."""
+
+
+class ConfigError(FewShotError):
+    """A config key or value is wrong (the message starts with its dotted path)."""
+
+
+class DataError(FewShotError):
+    """A dataset source or store is missing, corrupt or too small."""
+
+
+class CheckpointError(FewShotError):
+    """A checkpoint or run cannot be found or does not match the config."""

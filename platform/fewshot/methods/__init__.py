@@ -1,0 +1,30 @@
+"""Methods by name. Adding one is one new module here plus its import below."""
+
+from __future__ import annotations
+
+from fewshot.errors import ConfigError
+from fewshot.methods import maml, protonet  # noqa: F401  (registers them)
+from fewshot.methods.base import METHODS, FewShotMethod, Loss, Shape
+
+
+def method_class(name: str) -> type[FewShotMethod]:
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; use one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(config, channels: int) -> FewShotMethod:
+    """The method of `config`, with its backbone, for images with `channels` channels."""
+    from fewshot.models.backbones import build_backbone
+
+    cls = method_class(config.method.name)
+    cls.check(config)
+    backbone = build_backbone(
+        config.backbone.name, channels, config.backbone.width, running_stats=cls.running_stats
+    )
+    params = cls.Params.model_validate(config.method.params())
+    shape = Shape(channels=channels, image_size=config.data.image_size, n_way=config.episode.n_way)
+    return cls(backbone, params, shape)
+
+
+__all__ = ["METHODS", "FewShotMethod", "Loss", "Shape", "build_method", "method_class"]

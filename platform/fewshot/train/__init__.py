@@ -1,0 +1,1 @@
+"""Training: one worker's loop (`loop`), a local run (`runner`), Ray Train (`distributed`)."""
