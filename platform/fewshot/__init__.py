@@ -1,2 +1,3 @@
 """fewshot: distributed few-shot meta-training."""
+
 __version__ = "0.1.0"

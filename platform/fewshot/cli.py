@@ -12,8 +12,12 @@ from rich.table import Table
 
 from fewshot.errors import FewShotError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Distributed few-shot meta-training, tracked and served with MLflow.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Distributed few-shot meta-training, tracked and served with MLflow.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect datasets.")
 prepare_app = typer.Typer(no_args_is_help=True, help="Convert a source into a dataset store.")
 app.add_typer(data_app, name="data")
@@ -21,8 +25,10 @@ data_app.add_typer(prepare_app, name="prepare")
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override a setting: --set train.steps=500 (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a setting: --set train.steps=500 (repeatable)."),
+]
 
 
 def _manifest_table(manifest: dict, title: str) -> Table:
@@ -30,8 +36,13 @@ def _manifest_table(manifest: dict, title: str) -> Table:
     for column in ("split", "classes", "images", "groups", "min images/class"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for name, split in manifest["splits"].items():
-        table.add_row(name, str(split["classes"]), str(split["images"]), str(split["groups"]),
-                      str(split["min_images_per_class"]))
+        table.add_row(
+            name,
+            str(split["classes"]),
+            str(split["images"]),
+            str(split["groups"]),
+            str(split["min_images_per_class"]),
+        )
     return table
 
 
@@ -42,10 +53,15 @@ def _print_prepared(manifest: dict, out: Path) -> None:
 @prepare_app.command("omniglot")
 def prepare_omniglot(
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    from_zip: Annotated[list[Path] | None, typer.Option(
-        help="An official Omniglot zip, e.g. images_background_small1.zip (repeatable).")] = None,
-    download: Annotated[bool, typer.Option(
-        help="Download background and evaluation zips first (needs internet).")] = False,
+    from_zip: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An official Omniglot zip, e.g. images_background_small1.zip (repeatable)."
+        ),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="Download background and evaluation zips first (needs internet).")
+    ] = False,
     partial: Annotated[bool, typer.Option(help="Accept a copy with missing characters.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a store from another source.")] = False,
 ) -> None:
@@ -63,9 +79,12 @@ def prepare_omniglot(
 def prepare_folder(
     root: Annotated[Path, typer.Option(help="ROOT/class/image (or ROOT/group/class/image).")],
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    ratios: Annotated[str, typer.Option(help="Class fractions for train,val,test.")] = "0.64,0.16,0.2",
-    split_by_group: Annotated[bool, typer.Option(
-        help="Tree is ROOT/group/class/image; whole groups go to one split.")] = False,
+    ratios: Annotated[
+        str, typer.Option(help="Class fractions for train,val,test.")
+    ] = "0.64,0.16,0.2",
+    split_by_group: Annotated[
+        bool, typer.Option(help="Tree is ROOT/group/class/image; whole groups go to one split.")
+    ] = False,
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the class-to-split shuffle.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a store from another source.")] = False,
@@ -77,12 +96,20 @@ def prepare_folder(
     try:
         parts = tuple(float(r) for r in ratios.split(","))
     except ValueError:
-        raise DataError(f"--ratios {ratios!r}: give numbers separated by commas, e.g. 0.7,0.1,0.2"
-                        ) from None
+        raise DataError(
+            f"--ratios {ratios!r}: give numbers separated by commas, e.g. 0.7,0.1,0.2"
+        ) from None
     if channels not in (1, 3):
         raise DataError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
-    manifest = folder.prepare(root, out, ratios=parts, split_by_group=split_by_group,
-                              channels=channels, seed=seed, overwrite=overwrite)
+    manifest = folder.prepare(
+        root,
+        out,
+        ratios=parts,
+        split_by_group=split_by_group,
+        channels=channels,
+        seed=seed,
+        overwrite=overwrite,
+    )
     _print_prepared(manifest, out)
 
 
@@ -97,8 +124,13 @@ def prepare_synthetic(
     """Procedurally drawn glyphs (20 scripts: 12 train, 4 val, 4 test); no download."""
     from fewshot.data.sources import synthetic
 
-    manifest = synthetic.prepare(out, classes_per_group=classes_per_group,
-                                 images_per_class=images_per_class, seed=seed, overwrite=overwrite)
+    manifest = synthetic.prepare(
+        out,
+        classes_per_group=classes_per_group,
+        images_per_class=images_per_class,
+        seed=seed,
+        overwrite=overwrite,
+    )
     _print_prepared(manifest, out)
 
 
@@ -123,9 +155,14 @@ def _accuracy_table(rows: list[dict], title: str) -> Table:
     for column in ("method", "backbone", "split", "task", "episodes", "accuracy"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["method"], row["backbone"], row["split"], row["task"]
-                      + (" within-group" if row["within_group"] else ""), str(row["episodes"]),
-                      f"{100 * row['accuracy']:.2f} +- {100 * row['ci95']:.2f}%")
+        table.add_row(
+            row["method"],
+            row["backbone"],
+            row["split"],
+            row["task"] + (" within-group" if row["within_group"] else ""),
+            str(row["episodes"]),
+            f"{100 * row['accuracy']:.2f} +- {100 * row['ci95']:.2f}%",
+        )
     return table
 
 
@@ -158,15 +195,19 @@ def _where(run_dir: Path, run_id: str | None, uri: str | None) -> None:
 
     console.print(f"model: {run_dir / 'model.pt'}")
     if run_id:
-        console.print(f"MLflow run {run_id} in {tracking_uri(uri)}; browse with:\n"
-                      f"  mlflow ui --backend-store-uri {tracking_uri(uri)} --host 127.0.0.1")
+        console.print(
+            f"MLflow run {run_id} in {tracking_uri(uri)}; browse with:\n"
+            f"  mlflow ui --backend-store-uri {tracking_uri(uri)} --host 127.0.0.1"
+        )
 
 
 @app.command()
 def evaluate(
     run: Annotated[str, typer.Option(help="runs/NAME, a model .pt file or an MLflow run id.")],
     episodes: Annotated[int, typer.Option(help="Number of fixed test episodes.")] = 600,
-    split: Annotated[str | None, typer.Option(help="Split to test on (default: the run's).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to test on (default: the run's).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Accuracy with a 95% CI on fixed test episodes (the same for every method)."""
@@ -195,10 +236,13 @@ def demo(
     data = workdir / "data" / "synthetic"
     console.print(f"[bold]1/3[/] dataset: synthetic glyphs -> {data}")
     _print_prepared(synthetic.prepare(data), data)
-    cfg = load_config(None, [f"data.path={data}", f"train.output_dir={workdir / 'runs'}",
-                             "name=demo"])
-    console.print(f"[bold]2/3[/] train: {cfg.method.name} {cfg.backbone.name}, "
-                  f"{cfg.episode.n_way}-way {cfg.episode.k_shot}-shot, {cfg.train.steps} steps")
+    cfg = load_config(
+        None, [f"data.path={data}", f"train.output_dir={workdir / 'runs'}", "name=demo"]
+    )
+    console.print(
+        f"[bold]2/3[/] train: {cfg.method.name} {cfg.backbone.name}, "
+        f"{cfg.episode.n_way}-way {cfg.episode.k_shot}-shot, {cfg.train.steps} steps"
+    )
     result = train_local(cfg, restart=True, progress=sys.stderr.isatty())
     console.print("[bold]3/3[/] evaluation on test scripts never seen in training")
     console.print(_accuracy_table([evaluation_row(cfg, result.test)], "demo"))

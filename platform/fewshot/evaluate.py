@@ -49,8 +49,10 @@ def episode_accuracies(
     method.eval()
     accuracies = []
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16,
-                                             enabled=amp is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
+        ):
             for episode in episodes:
                 episode = episode.to(device, memory_format)
                 logits = method.predict(episode.support_x, episode.support_y, episode.query_x)

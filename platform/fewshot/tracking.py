@@ -28,10 +28,15 @@ def tracking_uri(config_uri: str | None = None) -> str:
 def git_commit() -> str:
     """The commit of the working directory's repository, '+dirty' if it has changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -75,14 +80,16 @@ class Tracker:
             run = mlflow.start_run(run_name=self.config.name)
             params = {k: str(v)[:500] for k, v in flatten(as_dict(self.config)).items()}
             mlflow.log_params(params)
-            mlflow.set_tags({
-                "fewshot.method": self.config.method.name,
-                "fewshot.backbone": self.config.backbone.name,
-                "fewshot.dataset": str(self.config.data.path),
-                "fewshot.config_hash": config_hash(self.config),
-                "git.commit": git_commit(),
-                **{f"version.{k}": v for k, v in versions().items()},
-            })
+            mlflow.set_tags(
+                {
+                    "fewshot.method": self.config.method.name,
+                    "fewshot.backbone": self.config.backbone.name,
+                    "fewshot.dataset": str(self.config.data.path),
+                    "fewshot.config_hash": config_hash(self.config),
+                    "git.commit": git_commit(),
+                    **{f"version.{k}": v for k, v in versions().items()},
+                }
+            )
             mlflow.log_text(resolved_yaml(self.config), "config.yaml")
         self.run_id = run.info.run_id
         return self.run_id
@@ -124,5 +131,6 @@ def download_artifact(run_id: str, path: str, uri: str | None = None) -> Path:
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     target = tempfile.mkdtemp(prefix="fewshot-")
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                    dst_path=target))
+    return Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target)
+    )

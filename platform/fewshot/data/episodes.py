@@ -51,8 +51,12 @@ class Episode:
             x = x.to(device, non_blocking=True)
             return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
-        return Episode(*(move(t) for t in (self.support_x, self.support_y, self.query_x,
-                                           self.query_y, self.classes)))
+        return Episode(
+            *(
+                move(t)
+                for t in (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
+            )
+        )
 
 
 def tasks_for_rank(meta_batch: int, rank: int, world_size: int) -> range:
@@ -141,8 +145,9 @@ class EpisodeSampler:
         rng = np.random.default_rng([stream, seed, step, task])
         return self.build(*self.sample_indices(rng))
 
-    def episode_of_classes(self, classes: list[int], stream: int, seed: int, step: int,
-                           task: int = 0) -> Episode:
+    def episode_of_classes(
+        self, classes: list[int], stream: int, seed: int, step: int, task: int = 0
+    ) -> Episode:
         """An episode over the given classes, fresh images (MTL's hard tasks)."""
         rng = np.random.default_rng([stream, seed, step, task])
         return self.build(*self.sample_indices(rng, np.asarray(classes)))

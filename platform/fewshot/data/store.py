@@ -122,8 +122,10 @@ def write_store(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         rows = {name: list(examples) for name, examples in splits.items()}
-        split_meta = {name: _write_split(staging / f"split={name}", examples)
-                      for name, examples in rows.items()}
+        split_meta = {
+            name: _write_split(staging / f"split={name}", examples)
+            for name, examples in rows.items()
+        }
         mean, std = _normalisation(next(iter(rows.values())), info)
         manifest = {
             "name": info.name,
@@ -182,9 +184,12 @@ def _write_split(directory: Path, examples: Iterable[Example]) -> dict:
 def _normalisation(examples: list[Example], info: SourceInfo) -> tuple[list, list]:
     """Per-channel mean and std in [0, 1] after inversion, from up to 512 images."""
     step = max(1, len(examples) // 512)
-    pixels = np.stack([
-        decode_image(e.image, 64, info.channels, info.invert) for e in examples[::step]
-    ]).astype(np.float64) / 255.0
+    pixels = (
+        np.stack(
+            [decode_image(e.image, 64, info.channels, info.invert) for e in examples[::step]]
+        ).astype(np.float64)
+        / 255.0
+    )
     mean = pixels.mean(axis=(0, 2, 3))
     std = pixels.std(axis=(0, 2, 3)) + 1e-6
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
@@ -301,8 +306,9 @@ def load_split(root: str | Path, split: str | list[str], image_size: int) -> Ima
             class_names.append(cls if len(names) == 1 else f"{name}/{cls}")
             class_groups.append(group)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda b: decode_image(b, image_size, channels, invert), blobs,
-                               chunksize=256))
+        arrays = list(
+            pool.map(lambda b: decode_image(b, image_size, channels, invert), blobs, chunksize=256)
+        )
     norm = manifest["normalisation"]
     return ImageSet(
         images=torch.from_numpy(np.stack(arrays)),

@@ -76,7 +76,9 @@ class MAML(FewShotMethod):
 
     def loss(self, episode: Episode) -> Loss:
         params = self.adapt(
-            episode.support_x, episode.support_y, self.params.inner_steps,
+            episode.support_x,
+            episode.support_y,
+            self.params.inner_steps,
             create_graph=not self.params.first_order,
         )
         logits = functional_call(self, params, (episode.query_x,))

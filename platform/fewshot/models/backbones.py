@@ -44,11 +44,14 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, running_stats: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), _bn(cout, running_stats),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            _bn(cout, running_stats),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), _bn(cout, running_stats),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            _bn(cout, running_stats),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), _bn(cout, running_stats),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            _bn(cout, running_stats),
         )
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), _bn(cout, running_stats))
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
@@ -67,7 +70,8 @@ class WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.shortcut = (
             nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-            if stride != 1 or cin != cout else nn.Identity()
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +147,10 @@ def wrn28_10(channels: int, width: int = 10, running_stats: bool = True) -> Back
     cin = 16
     for stage, cout in enumerate(widths):
         stride = 1 if stage == 0 else 2
-        stage_blocks = [WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1,
-                                  running_stats) for i in range(4)]
+        stage_blocks = [
+            WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, running_stats)
+            for i in range(4)
+        ]
         blocks.append(nn.Sequential(*stage_blocks))
         cin = cout
     blocks.append(nn.Sequential(_bn(cin, running_stats), nn.ReLU()))

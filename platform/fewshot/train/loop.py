@@ -98,8 +98,9 @@ class Datasets:
 class Worker:
     """A method, its optimiser and its episodes, stepped one meta-batch at a time."""
 
-    def __init__(self, config: Config, comm: Comm | None = None,
-                 data: Datasets | None = None) -> None:
+    def __init__(
+        self, config: Config, comm: Comm | None = None, data: Datasets | None = None
+    ) -> None:
         self.config = config
         self.comm = comm or Comm()
         t = config.train
@@ -113,13 +114,15 @@ class Worker:
         self.method: FewShotMethod = build_method(config, data.train.images.shape[1])
         self.method.to(self.device, memory_format=self.memory_format)
         e = config.episode
-        self.sampler = EpisodeSampler(data.train, e.n_way, e.k_shot, e.q_query,
-                                      within_group=config.data.within_group)
+        self.sampler = EpisodeSampler(
+            data.train, e.n_way, e.k_shot, e.q_query, within_group=config.data.within_group
+        )
         self.val_sampler = None
         if data.val is not None:
             v = config.eval_episode()
-            self.val_sampler = EpisodeSampler(data.val, v.n_way, v.k_shot, v.q_query,
-                                              within_group=config.eval_within_group())
+            self.val_sampler = EpisodeSampler(
+                data.val, v.n_way, v.k_shot, v.q_query, within_group=config.eval_within_group()
+            )
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, self.params)
         self.scheduler = build_scheduler(config, self.optimizer)
@@ -134,8 +137,9 @@ class Worker:
         """One optimiser step on the meta-batch; returns metrics averaged over its tasks."""
         config, comm = self.config, self.comm
         meta_batch = config.episode.meta_batch
-        torch.manual_seed(int(np.random.SeedSequence([config.seed, self.step, comm.rank])
-                              .generate_state(1)[0]))
+        torch.manual_seed(
+            int(np.random.SeedSequence([config.seed, self.step, comm.rank]).generate_state(1)[0])
+        )
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -151,8 +155,9 @@ class Worker:
         names = sorted(sums)
         # One buffer, one all-reduce per step: gradients (zeros where a parameter got
         # none, so every rank sends the same layout) followed by the metric sums.
-        grads = [p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
-                 for p in self.params]
+        grads = [
+            p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in self.params
+        ]
         flat = torch.cat(grads + [torch.stack([sums[n] for n in names]).to(grads[0].dtype)])
         flat = comm.all_reduce_sum(flat)
         offset = 0
@@ -175,8 +180,9 @@ class Worker:
         mine = [i for i in range(count) if i % comm.world_size == comm.rank]
         episodes = (self.val_sampler.episode(VAL, self.config.evaluate.seed, 0, i) for i in mine)
         accuracies = episode_accuracies(self.method, episodes, self.runtime)
-        total = comm.all_reduce_sum(torch.tensor([sum(accuracies)], dtype=torch.float64,
-                                                 device=self.device))
+        total = comm.all_reduce_sum(
+            torch.tensor([sum(accuracies)], dtype=torch.float64, device=self.device)
+        )
         return float(total.item()) / count
 
     def state_dict(self) -> dict:

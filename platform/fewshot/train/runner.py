@@ -40,23 +40,28 @@ def model_file(method: FewShotMethod, config: Config, channels: int) -> dict:
     return {"config": as_dict(config), "channels": channels, "state_dict": method.state_dict()}
 
 
-def load_model(source: str | Path, tracking_uri: str | None = None
-               ) -> tuple[Config, FewShotMethod]:
+def load_model(source: str | Path, tracking_uri: str | None = None) -> tuple[Config, FewShotMethod]:
     """A trained method from a model.pt/checkpoint.pt file, a run directory, or an
     MLflow run id."""
     path = Path(source)
     if path.is_dir():
-        path = next((path / f for f in ("model.pt", "checkpoint.pt") if (path / f).is_file()),
-                    path / "model.pt")
+        path = next(
+            (path / f for f in ("model.pt", "checkpoint.pt") if (path / f).is_file()),
+            path / "model.pt",
+        )
     if not path.is_file():
         if path.suffix or os.sep in str(source):
-            raise CheckpointError(f"{source}: no such model file or run directory; pass "
-                                  "runs/NAME, a .pt file or an MLflow run id")
+            raise CheckpointError(
+                f"{source}: no such model file or run directory; pass "
+                "runs/NAME, a .pt file or an MLflow run id"
+            )
         try:
             path = download_artifact(str(source), "model/model.pt", tracking_uri)
         except Exception as exc:  # MLflow raises several types for an unknown run id
-            raise CheckpointError(f"{source}: not a run directory, file or MLflow run id with "
-                                  f"a model ({type(exc).__name__}); check the id") from None
+            raise CheckpointError(
+                f"{source}: not a run directory, file or MLflow run id with "
+                f"a model ({type(exc).__name__}); check the id"
+            ) from None
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "config" not in state:
         raise CheckpointError(f"{path}: not a fewshot model file (no config inside)")
@@ -67,16 +72,18 @@ def load_model(source: str | Path, tracking_uri: str | None = None
     return config, method
 
 
-def evaluate_method(method: FewShotMethod, config: Config, episodes: int | None = None,
-                    split: str | None = None) -> Accuracy:
+def evaluate_method(
+    method: FewShotMethod, config: Config, episodes: int | None = None, split: str | None = None
+) -> Accuracy:
     """Accuracy on the fixed test episodes of `config` (test split, eval shape, eval seed),
     computed where and how the config trains (device, precision, memory format)."""
     runtime = Runtime.of(config)
     method.to(runtime.device, memory_format=runtime.memory_format)
     e = config.eval_episode()
     test = load_split(config.data.path, split or config.data.test_split, config.data.image_size)
-    sampler = EpisodeSampler(test, e.n_way, e.k_shot, e.q_query,
-                             within_group=config.eval_within_group())
+    sampler = EpisodeSampler(
+        test, e.n_way, e.k_shot, e.q_query, within_group=config.eval_within_group()
+    )
     fixed = sampler.fixed_episodes(episodes or config.evaluate.episodes, config.evaluate.seed, TEST)
     return mean_ci(episode_accuracies(method, fixed, runtime))
 
@@ -99,8 +106,13 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self.bar = Bar(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
 
@@ -130,8 +142,10 @@ def prepare_run_dir(config: Config, restart: bool) -> tuple[Path, dict | None, s
             "name (--set name=...) or pass --restart to discard it"
         )
     if state["worker"]["step"] >= config.train.steps:
-        raise CheckpointError(f"run {config.name!r} already finished in {run_dir}; choose another "
-                              "name or pass --restart")
+        raise CheckpointError(
+            f"run {config.name!r} already finished in {run_dir}; choose another "
+            "name or pass --restart"
+        )
     run_id_file = run_dir / "mlflow_run_id"
     return run_dir, state, run_id_file.read_text().strip() if run_id_file.is_file() else None
 
@@ -151,14 +165,19 @@ def train_local(config: Config, *, restart: bool = False, progress: bool = False
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.metrics(metrics, step)
-        bar.update(step, f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f}"
-                         f" val {last['val_acc']:.3f}")
+        bar.update(
+            step,
+            f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f}"
+            f" val {last['val_acc']:.3f}",
+        )
 
     def on_round(w: Worker, metrics: dict[str, float]) -> None:
         last.update(metrics)
         tracker.metrics(metrics, w.step)
-        save_atomic({"worker": w.state_dict(), "config_hash": config_hash(config)},
-                    run_dir / "checkpoint.pt")
+        save_atomic(
+            {"worker": w.state_dict(), "config_hash": config_hash(config)},
+            run_dir / "checkpoint.pt",
+        )
 
     status = "FAILED"
     try:

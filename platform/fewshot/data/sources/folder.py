@@ -47,8 +47,9 @@ def _classes(root: Path, split_by_group: bool) -> list[tuple[str, str, Path]]:
     for group in subdirs:
         inner = sorted(p for p in group.iterdir() if p.is_dir())
         if not inner:
-            raise DataError(f"{group} has no class folders; --split-by-group expects "
-                            "ROOT/group/class/image")
+            raise DataError(
+                f"{group} has no class folders; --split-by-group expects ROOT/group/class/image"
+            )
         classes.extend((f"{group.name}/{d.name}", group.name, d) for d in inner)
     return classes
 
@@ -56,8 +57,10 @@ def _classes(root: Path, split_by_group: bool) -> list[tuple[str, str, Path]]:
 def _assign(units: list[str], ratios: tuple[float, ...], seed: int) -> dict[str, str]:
     """unit (class or group) -> split name, by shuffled ratio cut."""
     if len(units) < len(ratios):
-        raise DataError(f"{len(units)} classes/groups cannot fill {len(ratios)} splits; "
-                        "add classes or pass fewer --ratios")
+        raise DataError(
+            f"{len(units)} classes/groups cannot fill {len(ratios)} splits; "
+            "add classes or pass fewer --ratios"
+        )
     shuffled = units[:]
     random.Random(seed).shuffle(shuffled)
     total = sum(ratios)
@@ -91,11 +94,14 @@ def prepare(
         raise DataError(f"--ratios {ratios}: give 1 to 3 positive numbers (train,val,test)")
     classes = _classes(root, split_by_group)
     files = {name: _image_files(directory) for name, _, directory in classes}
-    for (name, _, directory) in classes:
+    for name, _, directory in classes:
         if not files[name]:
             raise DataError(f"class folder {directory} holds no images; remove it or add images")
-    units = sorted({group for _, group, _ in classes}) if split_by_group else [
-        name for name, _, _ in classes]
+    units = (
+        sorted({group for _, group, _ in classes})
+        if split_by_group
+        else [name for name, _, _ in classes]
+    )
     split_of = _assign(units, ratios, seed)
     splits: dict[str, list[Example]] = {name: [] for name in SPLIT_NAMES[: len(ratios)]}
     for name, group, _ in classes:

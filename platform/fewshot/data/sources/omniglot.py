@@ -79,16 +79,17 @@ def download(root: Path, names: list[str]) -> list[Path]:
 
     paths = []
     for name in names:
-        filename = f"images_{name}.zip" if name in ("background", "evaluation") else (
-            f"images_background_{name}.zip")
+        filename = (
+            f"images_{name}.zip"
+            if name in ("background", "evaluation")
+            else (f"images_background_{name}.zip")
+        )
         download_url(f"{URL}/{filename}", str(root), filename)
         paths.append(root / filename)
     return paths
 
 
-def prepare(
-    zips: list[Path], out: Path, *, partial: bool = False, overwrite: bool = False
-) -> dict:
+def prepare(zips: list[Path], out: Path, *, partial: bool = False, overwrite: bool = False) -> dict:
     zips = [Path(z) for z in zips]
     if not zips:
         raise DataError("no Omniglot zip given; pass --from-zip PATH (repeatable) or --download")

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real Omniglot small sets and a small synthetic store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "omniglot"
+SMALL1 = SHARED / "images_background_small1.zip"
+SMALL2 = SHARED / "images_background_small2.zip"
+
+
+def pytest_configure(config):
+    # Tests must not depend on the user's tracking server or Ray auth settings.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@pytest.fixture(scope="session")
+def omniglot_zips() -> tuple[Path, Path]:
+    if not SMALL1.is_file():
+        pytest.fail(f"{SMALL1} is missing: tests need ../shared/datasets/omniglot beside the repo")
+    return SMALL1, SMALL2
+
+
+@pytest.fixture(scope="session")
+def omniglot_store(tmp_path_factory, omniglot_zips) -> Path:
+    """Omniglot small1 and small2 as one store with splits `small1` and `small2`."""
+    from fewshot.data.sources import omniglot
+
+    out = tmp_path_factory.mktemp("stores") / "omniglot"
+    omniglot.prepare(list(omniglot_zips), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """A small synthetic store: 6 train, 2 val, 2 test scripts of 6 characters."""
+    from fewshot.data.sources import synthetic
+
+    out = tmp_path_factory.mktemp("stores") / "synthetic"
+    synthetic.prepare(out, groups=(6, 2, 2), classes_per_group=6, images_per_class=10)
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh directory, so runs/ and mlflow.db land in it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,45 @@
+import torch
+
+from fewshot.config import load_config
+from fewshot.methods import build_method
+from fewshot.methods.protonet import prototypes
+
+
+def make(overrides=()):
+    torch.manual_seed(0)
+    config = load_config(None, ["data.image_size=16", *overrides])
+    return build_method(config, channels=1).eval()
+
+
+def test_logits_are_minus_squared_distances_to_prototypes():
+    method = make()
+    support_x, query_x = torch.randn(6, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    support_y = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = method.predict(support_x, support_y, query_x)
+    with torch.no_grad():
+        zs, zq = method.backbone(torch.cat([support_x, query_x])).split([6, 4])
+    expected = torch.empty(4, 3)
+    for n in range(3):
+        centre = zs[support_y == n].mean(0)
+        for q in range(4):
+            expected[q, n] = -((zq[q] - centre) ** 2).sum()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_prototypes_are_class_means():
+    z = torch.tensor([[1.0, 0.0], [3.0, 2.0], [10.0, 10.0]])
+    centres = prototypes(z, torch.tensor([0, 0, 1]), 2)
+    torch.testing.assert_close(centres, torch.tensor([[2.0, 1.0], [10.0, 10.0]]))
+
+
+def test_cosine_metric_and_temperature():
+    method = make(["method.distance=cosine", "method.temperature=0.5"])
+    support_x, query_x = torch.randn(4, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    support_y = torch.tensor([0, 1, 0, 1])
+    logits = method.predict(support_x, support_y, query_x)
+    with torch.no_grad():
+        zs, zq = method.backbone(torch.cat([support_x, query_x])).split([4, 3])
+    centres = torch.stack([zs[support_y == n].mean(0) for n in range(2)])
+    expected = torch.nn.functional.cosine_similarity(zq[:, None], centres[None], dim=2) / 0.5
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert logits.abs().max() <= 2.0 + 1e-5

@@ -1,0 +1,74 @@
+import json
+
+import mlflow
+import pytest
+
+from fewshot.config import load_config
+from fewshot.errors import CheckpointError
+from fewshot.evaluate import mean_ci
+from fewshot.train.runner import evaluate_method, load_model, train_local
+
+
+def config(store, *overrides):
+    return load_config(
+        None,
+        [
+            f"data.path={store}",
+            "data.image_size=16",
+            "backbone.width=8",
+            "episode.q_query=3",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.val_episodes=4",
+            "evaluate.episodes=20",
+            "name=unit",
+            *overrides,
+        ],
+    )
+
+
+def test_run_is_tracked_in_mlflow_and_reloads_to_the_same_accuracy(workdir, synthetic_store):
+    cfg = config(synthetic_store)
+    result = train_local(cfg)
+    assert (workdir / "mlflow.db").is_file()
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["episode.n_way"] == "5" and run.data.params["train.steps"] == "4"
+    assert run.data.tags["fewshot.method"] == "protonet"
+    assert run.data.tags["git.commit"] and run.data.tags["version.torch"]
+    assert run.data.metrics["test_acc"] == pytest.approx(result.test.mean)
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_acc")
+    assert [m.step for m in history] == [2, 4]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"config.yaml", "evaluation.json", "model"} <= artifacts
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/evaluation.json"))
+    assert table[0]["accuracy"] == round(result.test.mean, 4)
+    # The logged model and the run directory give back the same accuracy on the same episodes.
+    for source in (result.run_id, str(result.run_dir)):
+        loaded_config, method = load_model(source)
+        assert loaded_config == cfg
+        assert evaluate_method(method, loaded_config).mean == pytest.approx(result.test.mean)
+
+
+def test_finished_and_mismatched_runs_are_refused(workdir, synthetic_store):
+    train_local(config(synthetic_store, "tracking.enabled=false"))
+    with pytest.raises(CheckpointError, match="already finished"):
+        train_local(config(synthetic_store, "tracking.enabled=false"))
+    with pytest.raises(CheckpointError, match="different config"):
+        train_local(config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"))
+    result = train_local(
+        config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"), restart=True
+    )
+    assert result.steps == 4
+
+
+def test_unknown_model_source(workdir):
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load_model("runs/none/model.pt")
+
+
+def test_mean_ci_formula():
+    accuracy = mean_ci([0.5, 1.0, 0.75, 0.75])
+    std = (sum((x - 0.75) ** 2 for x in [0.5, 1.0, 0.75, 0.75]) / 4) ** 0.5
+    assert accuracy.mean == 0.75
+    assert accuracy.ci95 == pytest.approx(1.96 * std / 2)
