@@ -223,6 +223,16 @@ def evaluate(
     console.print(_accuracy_table([evaluation_row(config, accuracy)], f"evaluate {run}"))
 
 
+# Brief training: a couple of minutes on a 2-core laptop, far above chance.
+DEMO_SETTINGS = [
+    "name=demo",
+    "train.steps=500",
+    "episode.meta_batch=2",
+    "train.eval_every=250",
+    "train.step_every=250",
+]
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where data and runs go.")] = Path("."),
