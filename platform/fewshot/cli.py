@@ -183,9 +183,9 @@ def train(
     if dry_run:
         console.print(resolved_yaml(cfg), highlight=False)
         return
-    from fewshot.train.runner import evaluation_row, train_local
+    from fewshot.train.runner import evaluation_row, train
 
-    result = train_local(cfg, restart=restart, progress=sys.stderr.isatty())
+    result = train(cfg, restart=restart, progress=sys.stderr.isatty())
     console.print(_accuracy_table([evaluation_row(cfg, result.test)], f"run {cfg.name}"))
     _where(result.run_dir, result.run_id, cfg.tracking.uri)
 
@@ -241,7 +241,7 @@ def demo(
     5-way 1-shot, evaluated on 600 fixed episodes of unseen scripts."""
     from fewshot.config import load_config
     from fewshot.data.sources import synthetic
-    from fewshot.train.runner import evaluation_row, train_local
+    from fewshot.train.runner import evaluation_row, train
 
     data = workdir / "data" / "synthetic"
     console.print(f"[bold]1/3[/] dataset: synthetic glyphs -> {data}")
@@ -253,7 +253,7 @@ def demo(
         f"[bold]2/3[/] train: {cfg.method.name} {cfg.backbone.name}, "
         f"{cfg.episode.n_way}-way {cfg.episode.k_shot}-shot, {cfg.train.steps} steps"
     )
-    result = train_local(cfg, restart=True, progress=sys.stderr.isatty())
+    result = train(cfg, restart=True, progress=sys.stderr.isatty())
     console.print("[bold]3/3[/] evaluation on test scripts never seen in training")
     console.print(_accuracy_table([evaluation_row(cfg, result.test)], "demo"))
     console.print(f"chance is {100 / cfg.episode.n_way:.0f}%")

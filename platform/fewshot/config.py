@@ -103,6 +103,20 @@ class TrackingConfig(Section):
     experiment: str = "fewshot"
 
 
+class DistributedConfig(Section):
+    """Ray Train. `workers: 0` trains in this process without Ray."""
+
+    workers: int = Field(0, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)  # used when use_gpu
+    max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
+    # Where Ray keeps checkpoints: None is train.output_dir/ray on this node; a
+    # multi-node cluster needs storage every node sees (s3://, gs://, a shared mount).
+    storage_path: str | None = None
+    address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
+
+
 class Config(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -113,6 +127,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def eval_episode(self) -> EpisodeConfig:
         """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""

@@ -60,77 +60,92 @@ def versions() -> dict[str, str]:
 
 
 class Tracker:
-    """Logs one training run. `enabled=False` (other ranks, tracking off) logs nothing."""
+    """Logs into one MLflow run through the client API (no global "active run"), so the
+    driver can own the run while the rank-0 worker of a Ray job logs into it.
 
-    def __init__(self, config: Config, enabled: bool = True) -> None:
+    `enabled=False` (other ranks, tracking off) logs nothing.
+    """
+
+    def __init__(self, config: Config, enabled: bool = True, run_id: str | None = None) -> None:
         self.config = config
         self.enabled = enabled and config.tracking.enabled
-        self.run_id: str | None = None
+        self.run_id = run_id if self.enabled else None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri(self.config.tracking.uri))
+        return self._client
 
     def start(self, resume_run_id: str | None = None) -> str | None:
+        """Create the run (params, tags, config.yaml), or reopen `resume_run_id`."""
         if not self.enabled:
             return None
+        if resume_run_id:
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.run_id = resume_run_id
+            return self.run_id
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri(self.config.tracking.uri))
-        if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
-        else:
-            mlflow.set_experiment(self.config.tracking.experiment)
-            run = mlflow.start_run(run_name=self.config.name)
-            params = {k: str(v)[:500] for k, v in flatten(as_dict(self.config)).items()}
-            mlflow.log_params(params)
-            mlflow.set_tags(
-                {
-                    "fewshot.method": self.config.method.name,
-                    "fewshot.backbone": self.config.backbone.name,
-                    "fewshot.dataset": str(self.config.data.path),
-                    "fewshot.config_hash": config_hash(self.config),
-                    "git.commit": git_commit(),
-                    **{f"version.{k}": v for k, v in versions().items()},
-                }
-            )
-            mlflow.log_text(resolved_yaml(self.config), "config.yaml")
-        self.run_id = run.info.run_id
+        name = self.config.tracking.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id if experiment else (self.client.create_experiment(name))
+        )
+        tags = {
+            "mlflow.runName": self.config.name,
+            "fewshot.method": self.config.method.name,
+            "fewshot.backbone": self.config.backbone.name,
+            "fewshot.dataset": str(self.config.data.path),
+            "fewshot.config_hash": config_hash(self.config),
+            "git.commit": git_commit(),
+            **{f"version.{k}": v for k, v in versions().items()},
+        }
+        self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
+        params = [
+            mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(as_dict(self.config)).items()
+        ]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.text(resolved_yaml(self.config), "config.yaml")
         return self.run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.enabled:
-            import mlflow
+        if self.enabled and self.run_id:
+            import time
 
-            mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_text(json.dumps(rows, indent=2), f"{name}.json")
+        self.text(json.dumps(rows, indent=2), f"{name}.json")
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path)
+        if self.enabled and self.run_id:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def text(self, content: str, artifact_file: str) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_text(content, artifact_file)
+        if self.enabled and self.run_id:
+            self.client.log_text(self.run_id, content, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
+            self.client.set_terminated(self.run_id, status)
 
 
 def download_artifact(run_id: str, path: str, uri: str | None = None) -> Path:
     """Fetch one artifact of a run into a temporary folder."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
     target = tempfile.mkdtemp(prefix="fewshot-")
     return Path(
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target)
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=target, tracking_uri=tracking_uri(uri)
+        )
     )

@@ -6,7 +6,7 @@ import pytest
 from fewshot.config import load_config
 from fewshot.errors import CheckpointError
 from fewshot.evaluate import mean_ci
-from fewshot.train.runner import evaluate_method, load_model, train_local
+from fewshot.train.runner import evaluate_method, load_model, train
 
 
 def config(store, *overrides):
@@ -29,7 +29,7 @@ def config(store, *overrides):
 
 def test_run_is_tracked_in_mlflow_and_reloads_to_the_same_accuracy(workdir, synthetic_store):
     cfg = config(synthetic_store)
-    result = train_local(cfg)
+    result = train(cfg)
     assert (workdir / "mlflow.db").is_file()
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     run = mlflow.get_run(result.run_id)
@@ -51,14 +51,12 @@ def test_run_is_tracked_in_mlflow_and_reloads_to_the_same_accuracy(workdir, synt
 
 
 def test_finished_and_mismatched_runs_are_refused(workdir, synthetic_store):
-    train_local(config(synthetic_store, "tracking.enabled=false"))
+    train(config(synthetic_store, "tracking.enabled=false"))
     with pytest.raises(CheckpointError, match="already finished"):
-        train_local(config(synthetic_store, "tracking.enabled=false"))
+        train(config(synthetic_store, "tracking.enabled=false"))
     with pytest.raises(CheckpointError, match="different config"):
-        train_local(config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"))
-    result = train_local(
-        config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"), restart=True
-    )
+        train(config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"))
+    result = train(config(synthetic_store, "tracking.enabled=false", "train.lr=0.5"), restart=True)
     assert result.steps == 4
 
 

@@ -1,13 +1,17 @@
-"""A training run on this process: run directory, resume, tracking, final evaluation.
+"""A training run: run directory, resume, tracking, final evaluation.
 
     runs/NAME/config.yaml       the resolved config
-    runs/NAME/checkpoint.pt     the last round's full state (written atomically)
-    runs/NAME/model.pt          the final weights with their config (what evaluate,
-                                register and predict load)
+    runs/NAME/checkpoint.pt     the last round's state, in-process runs (atomic writes;
+                                Ray runs keep theirs in Ray's storage)
+    runs/NAME/model.pt          the final weights with their config: what evaluate,
+                                register and predict load; its presence marks the
+                                run finished
     runs/NAME/mlflow_run_id     the MLflow run this training run logs to
 
-Starting a run whose directory holds an unfinished checkpoint with the same
-config continues it (the same MLflow run, the same episodes from the next step).
+The driver owns the MLflow run; whoever trains (this process, or rank 0 of a Ray
+job) logs metrics into it. Starting a run whose directory holds an unfinished run
+with the same config continues it: the same MLflow run, the same episodes from
+the step after the last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,19 +40,27 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def model_file(method: FewShotMethod, config: Config, channels: int) -> dict:
-    return {"config": as_dict(config), "channels": channels, "state_dict": method.state_dict()}
+def model_file(worker: Worker) -> dict:
+    """What a trained model is on disk: weights plus everything needed to rebuild it."""
+    return {
+        "config": as_dict(worker.config),
+        "channels": worker.sampler.images.images.shape[1],
+        "state_dict": {k: v.cpu() for k, v in worker.method.state_dict().items()},
+    }
+
+
+def method_from_file(state: dict) -> tuple[Config, FewShotMethod]:
+    config = validate(state["config"])
+    method = build_method(config, state["channels"])
+    method.load_state_dict(state["state_dict"])
+    return config, method
 
 
 def load_model(source: str | Path, tracking_uri: str | None = None) -> tuple[Config, FewShotMethod]:
-    """A trained method from a model.pt/checkpoint.pt file, a run directory, or an
-    MLflow run id."""
+    """A trained method from a model.pt file, a run directory, or an MLflow run id."""
     path = Path(source)
     if path.is_dir():
-        path = next(
-            (path / f for f in ("model.pt", "checkpoint.pt") if (path / f).is_file()),
-            path / "model.pt",
-        )
+        path = path / "model.pt"
     if not path.is_file():
         if path.suffix or os.sep in str(source):
             raise CheckpointError(
@@ -63,13 +75,9 @@ def load_model(source: str | Path, tracking_uri: str | None = None) -> tuple[Con
                 f"a model ({type(exc).__name__}); check the id"
             ) from None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if "config" not in state:
-        raise CheckpointError(f"{path}: not a fewshot model file (no config inside)")
-    config = validate(state["config"])
-    method = build_method(config, state["channels"])
-    weights = state["state_dict"] if "state_dict" in state else state["model"]
-    method.load_state_dict(weights)
-    return config, method
+    if "config" not in state or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not a fewshot model file; pass runs/NAME/model.pt")
+    return method_from_file(state)
 
 
 def evaluate_method(
@@ -116,8 +124,9 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
 
-    def update(self, step: int, status: str) -> None:
+    def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar:
+            status = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "train_lr")
             self.bar.update(self.task, completed=step, status=status)
 
     def close(self) -> None:
@@ -125,76 +134,92 @@ class Progress:
             self.bar.stop()
 
 
-def prepare_run_dir(config: Config, restart: bool) -> tuple[Path, dict | None, str | None]:
-    """The run directory, and the checkpoint and MLflow run id to resume from, if any."""
+def prepare_run_dir(config: Config, restart: bool) -> tuple[Path, str | None]:
+    """The run directory, and the MLflow run id to continue, if any."""
     run_dir = config.train.output_dir / config.name
-    checkpoint = run_dir / "checkpoint.pt"
     if restart:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if not checkpoint.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(resolved_yaml(config))
-        return run_dir, None, None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if state.get("config_hash") != config_hash(config):
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and saved.read_text() != resolved_yaml(config):
         raise CheckpointError(
             f"{run_dir} holds run {config.name!r} with a different config; choose another "
             "name (--set name=...) or pass --restart to discard it"
         )
-    if state["worker"]["step"] >= config.train.steps:
+    if (run_dir / "model.pt").is_file():
         raise CheckpointError(
             f"run {config.name!r} already finished in {run_dir}; choose another "
             "name or pass --restart"
         )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(resolved_yaml(config))
     run_id_file = run_dir / "mlflow_run_id"
-    return run_dir, state, run_id_file.read_text().strip() if run_id_file.is_file() else None
+    return run_dir, run_id_file.read_text().strip() if run_id_file.is_file() else None
 
 
-def train_local(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
-    """Train on this process, evaluate on the test episodes, log everything."""
-    run_dir, resume_state, resume_run_id = prepare_run_dir(config, restart)
+class RoundLogger:
+    """The hooks of `fit` for a worker that logs (this process, or rank 0)."""
+
+    def __init__(self, tracker: Tracker, progress: Progress | None = None) -> None:
+        self.tracker, self.progress = tracker, progress
+        self.last: dict[str, float] = {"val_acc": float("nan")}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.metrics(metrics, step)
+        if self.progress:
+            self.progress.update(step, {**metrics, **self.last})
+
+    def round(self, worker: Worker, metrics: dict[str, float]) -> None:
+        self.last.update(metrics)
+        self.tracker.metrics(metrics, worker.step)
+
+
+def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) -> tuple[dict, float]:
+    """Train in this process, checkpointing to run_dir; returns (model file, last val_acc)."""
     worker = Worker(config)
-    if resume_state:
-        worker.load_state_dict(resume_state["worker"])
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.is_file():
+        worker.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
+    bar = Progress(config.train.steps, worker.step, progress)
+    logger = RoundLogger(tracker, bar)
+
+    def on_round(w: Worker, metrics: dict[str, float]) -> None:
+        logger.round(w, metrics)
+        save_atomic(w.state_dict(), checkpoint)
+
+    try:
+        fit(worker, logger.log, on_round)
+    finally:
+        bar.close()
+    return model_file(worker), logger.last["val_acc"]
+
+
+def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
+    """Train (here, or on Ray with `distributed.workers`), then evaluate on the fixed
+    test episodes and log everything."""
+    run_dir, resume_run_id = prepare_run_dir(config, restart)
     tracker = Tracker(config)
     run_id = tracker.start(resume_run_id)
     if run_id:
         (run_dir / "mlflow_run_id").write_text(run_id)
-    bar = Progress(config.train.steps, worker.step, progress)
-    last = {"val_acc": float("nan")}
-
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        tracker.metrics(metrics, step)
-        bar.update(
-            step,
-            f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f}"
-            f" val {last['val_acc']:.3f}",
-        )
-
-    def on_round(w: Worker, metrics: dict[str, float]) -> None:
-        last.update(metrics)
-        tracker.metrics(metrics, w.step)
-        save_atomic(
-            {"worker": w.state_dict(), "config_hash": config_hash(config)},
-            run_dir / "checkpoint.pt",
-        )
-
     status = "FAILED"
     try:
-        fit(worker, on_log, on_round)
-        bar.close()
-        channels = worker.sampler.images.images.shape[1]
+        if config.distributed.workers:
+            from fewshot.train.distributed import fit_on_ray
+
+            model, val_acc = fit_on_ray(config, run_id, restart=restart)
+        else:
+            model, val_acc = fit_here(config, run_dir, tracker, progress)
         model_path = run_dir / "model.pt"
-        save_atomic(model_file(worker.method, config, channels), model_path)
-        test = evaluate_method(worker.method, config)
-        tracker.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, worker.step)
+        save_atomic(model, model_path)
+        _, method = method_from_file(model)
+        test = evaluate_method(method, config)
+        tracker.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, config.train.steps)
         tracker.table("evaluation", [evaluation_row(config, test)])
         tracker.artifact(model_path, "model")
         status = "FINISHED"
     finally:
-        bar.close()
         tracker.end(status)
-    return RunResult(run_dir, run_id, test, last["val_acc"], worker.step)
+    return RunResult(run_dir, run_id, test, val_acc, config.train.steps)
 
 
 def evaluation_row(config: Config, accuracy: Accuracy) -> dict:

@@ -1,0 +1,138 @@
+"""Ray Train: the worker loop of `train.loop` on W workers.
+
+Each worker samples its own share of every meta-batch (`tasks_for_rank`); the loop's
+one all-reduce per step sums gradients and metrics over the workers through
+torch.distributed (gloo on CPU, NCCL on GPU, set up by Ray's `TorchTrainer`).
+Rank 0 logs into the driver's MLflow run and reports a checkpoint (full worker
+state plus the model file) every evaluation round; the other ranks report metrics
+only. A worker group that loses a worker is restarted from the last checkpoint
+(`distributed.max_failures`), and a run started again with the same name
+continues from it, because Ray keeps checkpoints under storage_path/NAME.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fewshot.config import Config, as_dict, validate
+from fewshot.errors import ConfigError, FewShotError
+from fewshot.tracking import Tracker
+from fewshot.train.loop import Comm, Worker, fit
+from fewshot.train.runner import RoundLogger, model_file
+
+STATE = "state.pt"
+
+
+class TorchDistributedComm(Comm):
+    """Sums over the workers of a torch.distributed process group."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(flat)
+        return flat
+
+
+def worker_loop(loop_config: dict) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+
+    config = validate(loop_config["config"])
+    context = ray.train.get_context()
+    comm = TorchDistributedComm(context.get_world_rank(), context.get_world_size())
+    worker = Worker(config, comm)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
+        worker.load_state_dict(state["worker"])
+    logger = RoundLogger(Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"]))
+
+    def on_round(w: Worker, metrics: dict[str, float]) -> None:
+        logger.round(w, metrics)
+        report = {**metrics, "step": w.step, "pid": os.getpid()}
+        if comm.rank != 0:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save({"worker": w.state_dict(), "model": model_file(w)}, Path(directory) / STATE)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(worker, logger.log, on_round)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(config: Config) -> None:
+    """Refuse a request the cluster cannot meet, instead of waiting for it forever."""
+    import ray
+
+    d = config.distributed
+    available = ray.cluster_resources()
+    needs = {"CPU": d.workers * d.cpus_per_worker}
+    if d.use_gpu:
+        needs["GPU"] = d.workers * d.gpus_per_worker
+    for resource, needed in needs.items():
+        have = available.get(resource, 0)
+        if needed > have:
+            per = "cpus_per_worker" if resource == "CPU" else "gpus_per_worker"
+            raise ConfigError(
+                f"distributed.workers: {d.workers} workers need {needed:g} {resource}s but the "
+                f"cluster has {have:g}; lower distributed.workers or distributed.{per}"
+            )
+
+
+def storage_path(config: Config) -> str:
+    return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
+
+
+def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tuple[dict, float]:
+    """Run the worker loop on Ray Train; returns (model file, last val_acc)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d = config.distributed
+    connect(d.address)
+    check_resources(config)
+    storage = storage_path(config)
+    if restart and "://" not in storage:
+        shutil.rmtree(Path(storage) / config.name, ignore_errors=True)
+    resources = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": as_dict(config), "run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise FewShotError(f"training on Ray failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
+    return state["model"], float(result.metrics.get("val_acc", float("nan")))
