@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot.config import Config, as_dict, config_hash, resolved_yaml, validate
+from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.data.episodes import TEST, EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import CheckpointError
