@@ -22,7 +22,13 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(config_uri: str | None = None) -> str:
-    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The URI in force, with a relative SQLite path made absolute: Ray workers and
+    servers run in other directories and must find the same database."""
+    uri = config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def git_commit() -> str:

@@ -99,6 +99,19 @@ def check_resources(config: Config) -> None:
             )
 
 
+def for_workers(config: Config) -> dict:
+    """The config as workers need it: Ray runs them in other directories, so local
+    paths and the tracking URI are made absolute here (on a multi-node cluster the
+    data must be at the same path on every node, or on shared storage)."""
+    from fewshot.tracking import tracking_uri
+
+    tree = as_dict(config)
+    tree["data"]["path"] = str(config.data.path.resolve())
+    tree["train"]["output_dir"] = str(config.train.output_dir.resolve())
+    tree["tracking"]["uri"] = tracking_uri(config.tracking.uri)
+    return tree
+
+
 def storage_path(config: Config) -> str:
     return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
 
@@ -119,7 +132,7 @@ def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tup
         resources["GPU"] = d.gpus_per_worker
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": as_dict(config), "run_id": run_id},
+        train_loop_config={"config": for_workers(config), "run_id": run_id},
         scaling_config=ScalingConfig(
             num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources
         ),
