@@ -52,7 +52,10 @@ def worker_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
         worker.load_state_dict(state["worker"])
-    logger = RoundLogger(Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"]))
+    tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
+    if checkpoint:
+        tracker.metrics({"resumed_from_step": worker.step}, worker.step)
+    logger = RoundLogger(tracker)
 
     def on_round(w: Worker, metrics: dict[str, float]) -> None:
         logger.round(w, metrics)

@@ -179,6 +179,7 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.is_file():
         worker.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
+        tracker.metrics({"resumed_from_step": worker.step}, worker.step)
     bar = Progress(config.train.steps, worker.step, progress)
     logger = RoundLogger(tracker, bar)
 
