@@ -50,3 +50,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh directory, so runs/ and mlflow.db land in it."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """`train.threads` sets a process-wide torch setting; give each test the default back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

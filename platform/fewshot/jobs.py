@@ -1,8 +1,11 @@
 """Cluster jobs through Ray's Jobs API (`fewshot submit`, `fewshot jobs ...`).
 
 A job runs `jobs/<command>.py` on the cluster with this repository as its working
-directory and `platform/fewshot` shipped as a module, so the job and its Ray
-workers run the submitted code.
+directory; the entrypoint puts the shipped `platform/` first on sys.path and the
+training driver ships that package to its Ray workers, so the job and its workers
+run the submitted code. What is uploaded follows the repository's .gitignore (Ray
+reads it), so local datasets, runs and the MLflow database stay behind; an
+`excludes` list here would also apply to the shipped package and drop parts of it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from fewshot.errors import FewShotError
-
-EXCLUDES = [".venv", ".git", "runs", "data", "mlflow.db", "mlartifacts", "**/__pycache__"]
 
 
 def client(address: str):
@@ -58,8 +59,6 @@ def submit(
     )
     runtime_env = {
         "working_dir": str(working_dir),
-        "py_modules": [str(Path(working_dir) / "platform" / "fewshot")],
-        "excludes": EXCLUDES,
         "env_vars": env or {},
     }
     return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)

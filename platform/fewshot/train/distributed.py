@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import fewshot
 from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
@@ -76,11 +77,14 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # Workers import exactly the driver's code (a submitted job's copy, not whatever
+    # version a node has installed).
+    code = {"py_modules": [str(Path(fewshot.__file__).parent)]}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, runtime_env=code)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, runtime_env=code)
 
 
 def check_resources(config: Config) -> None:
