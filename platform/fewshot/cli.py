@@ -268,6 +268,27 @@ def demo(
     _where(result.run_dir, result.run_id, cfg.tracking.uri)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; results go to benchmarks/results.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("distributed")
+def bench_distributed(
+    steps: Annotated[int, typer.Option(help="Training steps per setting.")] = 200,
+    out: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path(
+        "benchmarks/results/distributed.md"
+    ),
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for data and runs.")] = Path(
+        "runs/bench"
+    ),
+) -> None:
+    """Episodes/s of the bare loop vs Ray Train with 1 and 2 workers."""
+    from fewshot.bench import distributed
+
+    distributed.run(workdir, out, steps)
+    console.print(out.read_text())
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow and control cluster jobs.")
 app.add_typer(jobs_app, name="jobs")
 AddressOpt = Annotated[

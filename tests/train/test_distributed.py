@@ -148,7 +148,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
     common = settings(
         synthetic_store, tmp_path, "train.steps=60", "train.eval_every=15", "tracking.enabled=false"
     )
-    unbroken, unbroken_val = fit_on_ray(load_config(None, [*common, "name=unbroken"]), None)
+    unbroken, unbroken_metrics = fit_on_ray(load_config(None, [*common, "name=unbroken"]), None)
     faulty = load_config(None, [*common, "name=faulty", "distributed.max_failures=1"])
     killed: list[int] = []
 
@@ -160,10 +160,11 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
 
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
-    model, val = fit_on_ray(faulty, None)
+    model, metrics = fit_on_ray(faulty, None)
     killer.join()
     assert killed and killed[0] not in train_worker_pids()
-    assert val == pytest.approx(unbroken_val)
+    assert metrics["pid"] != killed[0]
+    assert metrics["val_acc"] == pytest.approx(unbroken_metrics["val_acc"])
     for name, value in unbroken["state_dict"].items():
         torch.testing.assert_close(model["state_dict"][name], value, msg=name)
 

@@ -123,8 +123,8 @@ def storage_path(config: Config) -> str:
     return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
 
 
-def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tuple[dict, float]:
-    """Run the worker loop on Ray Train; returns (model file, last val_acc)."""
+def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tuple[dict, dict]:
+    """Run the worker loop on Ray Train; returns (model file, last round's metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -155,4 +155,4 @@ def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tup
         raise FewShotError(f"training on Ray failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
-    return state["model"], float(result.metrics.get("val_acc", float("nan")))
+    return state["model"], dict(result.metrics)

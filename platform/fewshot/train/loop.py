@@ -14,6 +14,7 @@ number to continue exactly as an unbroken run would.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,6 +210,7 @@ def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
     `eval_every` (and at the end) through the hooks."""
     t = worker.config.train
     window: dict[str, list[float]] = {}
+    round_start, round_first_step = time.perf_counter(), worker.step
     while worker.step < t.steps:
         for name, value in worker.train_step().items():
             window.setdefault(name, []).append(value)
@@ -217,4 +219,9 @@ def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
             on_log(step, {f"train_{k}": float(np.mean(v)) for k, v in window.items()})
             window.clear()
         if step % t.eval_every == 0 or step == t.steps:
-            on_round(worker, {"val_acc": worker.validate()})
+            # Training throughput of the round (all workers' episodes), before validation.
+            seconds = time.perf_counter() - round_start
+            episodes = (step - round_first_step) * worker.config.episode.meta_batch
+            metrics = {"val_acc": worker.validate(), "train_episodes_per_s": episodes / seconds}
+            on_round(worker, metrics)
+            round_start, round_first_step = time.perf_counter(), worker.step

@@ -173,8 +173,9 @@ class RoundLogger:
         self.tracker.metrics(metrics, worker.step)
 
 
-def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) -> tuple[dict, float]:
-    """Train in this process, checkpointing to run_dir; returns (model file, last val_acc)."""
+def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) -> tuple[dict, dict]:
+    """Train in this process, checkpointing to run_dir; returns (model file, last round's
+    metrics)."""
     worker = Worker(config)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.is_file():
@@ -191,7 +192,7 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
         fit(worker, logger.log, on_round)
     finally:
         bar.close()
-    return model_file(worker), logger.last["val_acc"]
+    return model_file(worker), logger.last
 
 
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
@@ -207,9 +208,9 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
         if config.distributed.workers:
             from fewshot.train.distributed import fit_on_ray
 
-            model, val_acc = fit_on_ray(config, run_id, restart=restart)
+            model, metrics = fit_on_ray(config, run_id, restart=restart)
         else:
-            model, val_acc = fit_here(config, run_dir, tracker, progress)
+            model, metrics = fit_here(config, run_dir, tracker, progress)
         model_path = run_dir / "model.pt"
         save_atomic(model, model_path)
         _, method = method_from_file(model)
@@ -220,7 +221,9 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
         status = "FINISHED"
     finally:
         tracker.end(status)
-    return RunResult(run_dir, run_id, test, val_acc, config.train.steps)
+    return RunResult(
+        run_dir, run_id, test, metrics.get("val_acc", float("nan")), config.train.steps
+    )
 
 
 def evaluation_row(config: Config, accuracy: Accuracy) -> dict:
