@@ -61,7 +61,10 @@ class Runtime:
 
     @classmethod
     def of(cls, config: Config) -> Runtime:
+        """The runtime of `config`; also applies `train.threads` (a process-wide setting)."""
         t = config.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
         device = pick_device(t.device)
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         return cls(device, autocast_dtype(t.precision, device), memory_format)
@@ -104,9 +107,6 @@ class Worker:
     ) -> None:
         self.config = config
         self.comm = comm or Comm()
-        t = config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
         self.runtime = Runtime.of(config)
         self.device, self.amp = self.runtime.device, self.runtime.amp
         self.memory_format = self.runtime.memory_format
