@@ -32,6 +32,7 @@ def test_yaml_then_overrides(tmp_path: Path):
         ("train.optimizer=lbfgs", "train.optimizer: must be one of"),
         ("train.lr=fast", "train.lr: input should be a valid number"),
         ("episode", "--set 'episode': expected key=value"),
+        ("distributed.workers=8", "episode.meta_batch: 4 tasks cannot be shared"),
     ],
 )
 def test_bad_values_name_their_path(override, message):

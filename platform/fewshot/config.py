@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,21 @@ class TrackingConfig(Section):
     experiment: str = "fewshot"
 
 
+with warnings.catch_warnings():
+    # `register` shadows ABCMeta.register, which no one calls on a config; pydantic warns.
+    warnings.filterwarnings("ignore", 'Field name "register"', UserWarning)
+
+    class RegistryConfig(Section):
+        """The model registry: registration after training, and the promotion gate."""
+
+        register: bool = False  # register the trained model (alias `challenger`) after training
+        name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # registered; None: run name
+        # The gate promotes a challenger only if its accuracy beats the champion's by more
+        # than `margin` (absolute, 0.01 = one point) at this one-sided confidence.
+        margin: float = Field(0.0, ge=0, lt=1)
+        confidence: float = Field(0.95, ge=0.5, lt=1)
+
+
 class DistributedConfig(Section):
     """Ray Train. `workers: 0` trains in this process without Ray."""
 
@@ -128,6 +144,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     def eval_episode(self) -> EpisodeConfig:
         """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""
@@ -180,6 +197,12 @@ def validate(raw: dict[str, Any]) -> Config:
         _raise(exc)
     from fewshot.methods import method_class  # methods import config types
 
+    if config.distributed.workers > config.episode.meta_batch:
+        raise ConfigError(
+            f"episode.meta_batch: {config.episode.meta_batch} tasks cannot be shared by "
+            f"distributed.workers = {config.distributed.workers}; raise meta_batch to at least "
+            "the number of workers"
+        )
     cls = method_class(config.method.name)
     try:
         params = cls.Params.model_validate(config.method.params())
