@@ -53,6 +53,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks(monkeypatch):
+    """`mlflow.set_tracking_uri` in a test also sets $MLFLOW_TRACKING_URI; undo it after
+    each test so the next one gets the default store of its own directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """`train.threads` sets a process-wide torch setting; give each test the default back."""
     import torch
