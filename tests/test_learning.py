@@ -20,7 +20,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
     [("omniglot_protonet_5w1s.yaml", 0.90), ("omniglot_maml_5w1s.yaml", 0.80)],
 )
 def test_trained_on_small1_beats_the_bar_on_small2(workdir, omniglot_store, config, threshold):
-    cfg = load_config(CONFIGS / config, [f"data.path={omniglot_store}", "evaluate.episodes=200",
-                                         "tracking.enabled=false"])
+    cfg = load_config(
+        CONFIGS / config,
+        [f"data.path={omniglot_store}", "evaluate.episodes=200", "tracking.enabled=false"],
+    )
     result = train(cfg)
     assert result.test.mean >= threshold, str(result.test)

@@ -19,3 +19,15 @@ class DataError(FewShotError):
 
 class CheckpointError(FewShotError):
     """A checkpoint or run cannot be found or does not match the config."""
+
+
+class RegistryError(FewShotError):
+    """A registered model, version, alias or run cannot be found, registered or promoted."""
+
+
+class RequestError(FewShotError):
+    """A prediction request (images, labels, folders) is malformed."""
+
+
+class ServeError(FewShotError):
+    """The scoring server cannot be started or reached."""

@@ -207,8 +207,9 @@ def test_stopped_run_continues_when_started_again(ray_head, synthetic_store, tmp
 
 
 def test_more_workers_than_the_cluster_has_fail_fast(ray_head, synthetic_store, tmp_path):
-    config = load_config(None, settings(synthetic_store, tmp_path, "distributed.workers=16",
-                                        "episode.meta_batch=16"))
+    config = load_config(
+        None, settings(synthetic_store, tmp_path, "distributed.workers=16", "episode.meta_batch=16")
+    )
     started = time.time()
     with pytest.raises(ConfigError, match="16 workers need 16 CPUs but the cluster has 2"):
         check_resources(config)

@@ -254,6 +254,10 @@ class ImageSet:
 def decode_image(data: bytes, size: int, channels: int, invert: bool) -> np.ndarray:
     """Encoded bytes -> uint8 [C, size, size] (antialiased resize)."""
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            # Transparent pixels are paper: composite onto white before dropping alpha.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
         image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)

@@ -26,7 +26,7 @@ import torch
 from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.data.episodes import TEST, EpisodeSampler
 from fewshot.data.store import load_split
-from fewshot.errors import CheckpointError
+from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.tracking import Tracker, download_artifact
@@ -197,7 +197,9 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
 
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
     """Train (here, or on Ray with `distributed.workers`), then evaluate on the fixed
-    test episodes and log everything."""
+    test episodes and log everything; with `registry.register`, register the model."""
+    if config.registry.register and not config.tracking.enabled:
+        raise ConfigError("registry.register: needs tracking.enabled=true (the registry is MLflow)")
     run_dir, resume_run_id = prepare_run_dir(config, restart)
     tracker = Tracker(config)
     run_id = tracker.start(resume_run_id)
@@ -221,6 +223,10 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
         status = "FINISHED"
     finally:
         tracker.end(status)
+    if config.registry.register:
+        from fewshot.registry.versions import register
+
+        register(run_id, config.registry.name or config.name, uri=config.tracking.uri)
     return RunResult(
         run_dir, run_id, test, metrics.get("val_acc", float("nan")), config.train.steps
     )

@@ -1,0 +1,199 @@
+"""A trained few-shot model as an MLflow pyfunc: raw images in, labels out.
+
+Request (the pyfunc input; over HTTP `{"inputs": {...}}`), three named 1-D string tensors:
+
+    support_images  [S]  base64 PNG or JPEG, any size and mode (L, RGB, RGBA, P)
+    support_labels  [S]  the caller's class name of each support image
+    query_images    [M]  base64 PNG or JPEG
+
+Answer: one `{"label": str, "probabilities": {label: float}}` per query, in order.
+Class i of the task is the i-th distinct label of `support_labels`; classes may have
+different numbers of support images.
+
+The logged model holds the weights file (`model.pt`: config, channels, state dict)
+as an artifact and the preprocessing as its `model_config`, so loading it needs
+only this package installed, never the dataset. It is logged "from code"
+(`model_code.py`), not pickled: MLflow refuses pickled models by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, Map, Schema, TensorSpec
+from PIL import Image
+
+from fewshot.config import Config
+from fewshot.errors import ConfigError, FewShotError, RegistryError, RequestError
+from fewshot.methods import FewShotMethod
+from fewshot.registry.preprocess import Preprocessing
+
+INPUTS = ("support_images", "support_labels", "query_images")
+SIGNATURE = ModelSignature(
+    # The scoring server checks request dtypes strictly: every input is a string tensor.
+    inputs=Schema([TensorSpec(np.dtype(str), (-1,), name) for name in INPUTS]),
+    outputs=Schema(
+        [ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probabilities")]
+    ),
+)
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+ARTIFACT = "model"  # the key of model.pt among the logged model's artifacts
+
+
+class FewShotModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc. `classify` is the Python API (bytes in, raises `RequestError`);
+    `predict` is MLflow's (base64 tensors in, raises MLflow's 400 error)."""
+
+    # The signature is explicit (SIGNATURE), so predict has no type hints for MLflow to
+    # build one from; this flag stops MLflow warning that they are missing.
+    _skip_type_hint_validation = True
+    config: Config
+    method: FewShotMethod
+    preprocessing: Preprocessing
+
+    def load_context(self, context) -> None:
+        from fewshot.train.runner import method_from_file
+
+        state = torch.load(context.artifacts[ARTIFACT], map_location="cpu", weights_only=False)
+        self.config, self.method = method_from_file(state)
+        self.method.eval()
+        self.preprocessing = Preprocessing.from_dict(context.model_config)
+
+    def predict(self, context, model_input, params=None):
+        """model_input: {name: 1-D string array} for the three INPUTS -> list of answers."""
+        try:
+            return self.classify(
+                decode_base64(model_input["support_images"], "support_images"),
+                [str(label) for label in model_input["support_labels"]],
+                decode_base64(model_input["query_images"], "query_images"),
+            )
+        except FewShotError as exc:
+            # MLflow turns its own exception into a 400 with a JSON body; any other
+            # exception would become a generic message with our stack trace.
+            raise mlflow.MlflowException.invalid_parameter_value(str(exc)) from None
+
+    def check_task(self, n_way: int) -> None:
+        """Refuse a task shape the method cannot answer (MAML's head has a fixed width)."""
+        config = self.config.model_copy(deep=True)
+        config.evaluate.n_way = n_way
+        try:
+            type(self.method).check(config)
+        except ConfigError as exc:
+            raise RequestError(
+                f"support_labels: this model cannot answer a {n_way}-way task ({exc})"
+            ) from None
+
+    def classify(
+        self,
+        support_images: Sequence[bytes],
+        support_labels: Sequence[str],
+        query_images: Sequence[bytes],
+    ) -> list[dict]:
+        """Encoded support images with their labels, encoded queries -> one
+        `{"label", "probabilities"}` per query."""
+        if len(support_images) != len(support_labels):
+            raise RequestError(
+                f"support_labels: {len(support_labels)} labels for {len(support_images)} "
+                "support_images; give one label per support image"
+            )
+        if not query_images:
+            raise RequestError("query_images: empty; send at least one image to classify")
+        classes = list(dict.fromkeys(support_labels))
+        if len(classes) < 2:
+            raise RequestError(
+                f"support_labels: {len(classes)} distinct class(es) {classes}; "
+                "a task needs at least 2"
+            )
+        self.check_task(len(classes))
+        index = {label: i for i, label in enumerate(classes)}
+        support_x = self.preprocessing.tensor(support_images, "support_images")  # [S, C, H, W]
+        support_y = torch.tensor([index[label] for label in support_labels])  # [S], 0..N-1
+        query_x = self.preprocessing.tensor(query_images, "query_images")  # [M, C, H, W]
+        with torch.no_grad():
+            logits = self.method.predict(support_x, support_y, query_x)  # [M, N]
+        probabilities = torch.softmax(logits.float(), dim=1)
+        return [
+            {
+                "label": classes[int(p.argmax())],
+                "probabilities": dict(zip(classes, p.tolist(), strict=True)),
+            }
+            for p in probabilities
+        ]
+
+
+def decode_base64(texts: Sequence[str], name: str) -> list[bytes]:
+    """The base64 strings of input `name` -> encoded images."""
+    blobs = []
+    for i, text in enumerate(texts):
+        try:
+            blobs.append(base64.b64decode(str(text), validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(
+                f"{name}[{i}]: not base64; send the image file's bytes base64-encoded"
+            ) from None
+    return blobs
+
+
+def input_example(config: Config, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
+    """A task of the training shape (n_way classes, 1 shot, 1 query) of flat grey squares:
+    small, and valid for every method (MAML only answers its training n_way)."""
+    n_way, size = config.episode.n_way, preprocessing.image_size
+
+    def png(level: int) -> str:
+        buffer = io.BytesIO()
+        Image.new("L", (size, size), level).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    images = [png(255 * i // n_way) for i in range(n_way)]
+    return {
+        "support_images": np.array(images),
+        "support_labels": np.array([f"class_{i}" for i in range(n_way)]),
+        "query_images": np.array(images[:1]),
+    }
+
+
+def log_model(run_id: str, model_file: Path, config: Config, preprocessing: Preprocessing) -> str:
+    """Log the pyfunc into training run `run_id` of MLflow's current tracking URI; returns
+    the logged model's URI (`models:/m-...`)."""
+    import fewshot
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="fewshot",
+            python_model=str(MODEL_CODE),
+            artifacts={ARTIFACT: str(model_file)},
+            model_config=preprocessing.as_dict(),
+            signature=SIGNATURE,
+            input_example=input_example(config, preprocessing),
+            # The package pins torch, MLflow and the rest; inferring requirements would
+            # import the model in a subprocess for nothing.
+            pip_requirements=[f"fewshot=={fewshot.__version__}"],
+        )
+    return info.model_uri
+
+
+def load_model(uri: str) -> FewShotModel:
+    """A fewshot model by any MLflow model URI (`models:/NAME@champion`, `runs:/...`, a
+    path), resolved against MLflow's current tracking URI (`versions.load` sets it)."""
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises its own, OSError or ValueError by URI kind
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RegistryError(
+            f"model {uri}: cannot load it ({first}); "
+            "give models:/NAME@ALIAS, runs:/RUN_ID/fewshot or a model folder"
+        ) from None
+    python_model = model.unwrap_python_model()
+    if not isinstance(python_model, FewShotModel):
+        raise RegistryError(
+            f"model {uri}: not a fewshot model; register one with `fewshot register`"
+        )
+    return python_model

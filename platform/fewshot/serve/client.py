@@ -1,0 +1,106 @@
+"""A small Python client of the scoring server that `fewshot serve` starts.
+
+    from fewshot.serve import Client
+
+    client = Client("http://127.0.0.1:5001")
+    client.wait_ready()
+    answers = client.predict({"alpha": ["a1.png"], "beta": ["b1.png"]}, ["x.png", "y.png"])
+    answers[0]["label"], answers[0]["probabilities"]
+
+Images are file paths or encoded bytes (PNG or JPEG). Standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fewshot.errors import RequestError, ServeError
+
+Image = str | Path | bytes  # a file path, or the file's bytes
+
+
+def _base64(image: Image) -> str:
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def request_body(support: Mapping[str, Sequence[Image]], query: Sequence[Image]) -> dict:
+    """The JSON body of `POST /invocations` for a support set {label: images} and queries."""
+    labels = [label for label, images in support.items() for _ in images]
+    return {
+        "inputs": {
+            "support_images": [_base64(i) for images in support.values() for i in images],
+            "support_labels": labels,
+            "query_images": [_base64(i) for i in query],
+        }
+    }
+
+
+def _error_message(body: bytes) -> str:
+    """The server's one-line reason: MLflow's JSON `message`, without the echo of the input
+    that MLflow puts before the model's own error."""
+    try:
+        message = json.loads(body)["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace")
+    lines = message.rpartition("Error: ")[2].strip().splitlines()
+    return lines[0] if lines else "no reason given"
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:5001", timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def ping(self) -> bool:
+        """True when the server is up and its model loaded."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=5) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Block until /ping answers; returns the seconds waited. The first answer comes
+        once the model is loaded (several seconds)."""
+        start = time.monotonic()
+        while not self.ping():
+            if time.monotonic() - start > timeout:
+                raise ServeError(
+                    f"no scoring server answered at {self.url} within {timeout:.0f} s; "
+                    "start one with `fewshot serve NAME`"
+                )
+            time.sleep(0.2)
+        return time.monotonic() - start
+
+    def predict(self, support: Mapping[str, Sequence[Image]], query: Sequence[Image]) -> list[dict]:
+        """Support images by label, query images -> one {"label", "probabilities"} per query."""
+        return self.invoke(request_body(support, query))
+
+    def invoke(self, body: dict) -> list[dict]:
+        """POST a prepared body to /invocations; a refused request raises `RequestError`."""
+        request = urllib.request.Request(
+            f"{self.url}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read())["predictions"]
+        except urllib.error.HTTPError as exc:
+            reason = _error_message(exc.read())
+            if 400 <= exc.code < 500:
+                raise RequestError(f"server refused the request ({exc.code}): {reason}") from None
+            raise ServeError(f"server error {exc.code} at {self.url}: {reason}") from None
+        except urllib.error.URLError as exc:
+            raise ServeError(
+                f"no scoring server at {self.url} ({exc.reason}); "
+                "start one with `fewshot serve NAME`"
+            ) from None
