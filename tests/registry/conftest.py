@@ -90,6 +90,12 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def tiny() -> list[str]:
+    """Settings of a run that trains in a second or two."""
+    return TINY
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, synthetic_store) -> Runs:
     """`tiny` (16 px) and `tiny28` (28 px): two steps on the synthetic store, for plumbing."""

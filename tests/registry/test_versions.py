@@ -13,22 +13,11 @@ from fewshot.registry.versions import current, register, versions
 from fewshot.tracking import tracking_uri
 from fewshot.train.runner import train
 
-TINY = [
-    "data.image_size=16",
-    "backbone.width=8",
-    "episode.q_query=3",
-    "train.steps=2",
-    "train.eval_every=2",
-    "train.val_episodes=2",
-    "train.threads=1",
-    "evaluate.episodes=10",
-]
 
-
-def test_training_registers_its_model_when_asked(workdir, synthetic_store):
+def test_training_registers_its_model_when_asked(workdir, synthetic_store, tiny):
     config = load_config(
         None,
-        [f"data.path={synthetic_store}", *TINY, "name=auto", "registry.register=true"],
+        [f"data.path={synthetic_store}", *tiny, "name=auto", "registry.register=true"],
     )
     result = train(config)
     client = MlflowClient(tracking_uri())  # absolute: MLflow caches stores by URI string
@@ -57,10 +46,10 @@ def test_current_tracking_uri_is_scoped_and_keeps_the_users_variable(monkeypatch
     assert mlflow.get_tracking_uri().endswith("users.db")
 
 
-def test_registering_without_tracking_is_refused_before_training(workdir, synthetic_store):
+def test_registering_without_tracking_is_refused_before_training(workdir, synthetic_store, tiny):
     config = load_config(
         None,
-        [f"data.path={synthetic_store}", *TINY, "registry.register=true", "tracking.enabled=false"],
+        [f"data.path={synthetic_store}", *tiny, "registry.register=true", "tracking.enabled=false"],
     )
     with pytest.raises(ConfigError, match="registry.register: needs tracking.enabled=true"):
         train(config)
