@@ -27,7 +27,7 @@ def test_training_registers_its_model_when_asked(workdir, synthetic_store, tiny)
     assert version.tags["fewshot.config_hash"] == run.data.tags["fewshot.config_hash"]
     assert version.tags["fewshot.method"] == "protonet"
     assert version.tags["fewshot.test_acc"] == f"{result.test.mean:.4f}"
-    assert version.tags["fewshot.test_task"] == "5-way 1-shot, split test, 10 episodes"
+    assert version.tags["fewshot.test_task"] == "5-way 1-shot, split test, 20 episodes"
     # A second registration is a new version; the alias follows it.
     register(result.run_id, "auto", data=synthetic_store)
     assert [str(v.version) for v in versions("auto")] == ["2", "1"]
