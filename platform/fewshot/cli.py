@@ -258,7 +258,7 @@ def demo(
     console.print(f"[bold]1/3[/] dataset: synthetic glyphs -> {data}")
     _print_prepared(synthetic.prepare(data), data)
     cfg = load_config(
-        None, [f"data.path={data}", f"train.output_dir={workdir / 'runs'}", "name=demo"]
+        None, [f"data.path={data}", f"train.output_dir={workdir / 'runs'}", *DEMO_SETTINGS]
     )
     console.print(
         f"[bold]2/3[/] train: {cfg.method.name} {cfg.backbone.name}, "
