@@ -18,6 +18,13 @@ COMMANDS = [
     ["train"],
     ["evaluate"],
     ["demo"],
+    ["submit"],
+    ["jobs"],
+    ["jobs", "status"],
+    ["jobs", "logs"],
+    ["jobs", "stop"],
+    ["bench"],
+    ["bench", "distributed"],
 ]
 
 
