@@ -259,12 +259,9 @@ def resolved_yaml(config: Config) -> str:
     return yaml.safe_dump(as_dict(config), sort_keys=False)
 
 
-def config_hash(config: Config, exclude: tuple[str, ...] = ()) -> str:
-    """A short hash of the resolved config (what decides the result), for tags and resume."""
-    tree = as_dict(config)
-    for key in exclude:
-        tree.pop(key, None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+def config_hash(config: Config) -> str:
+    """A short hash of the resolved config (what decides the result), for tags."""
+    return hashlib.sha256(json.dumps(as_dict(config), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
