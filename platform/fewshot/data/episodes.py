@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fewshot.data.store import ImageSet
+from fewshot.data.store import ImageSet, normalise
 from fewshot.errors import DataError
 
 # Streams keep training, validation and test episodes independent for one seed.
@@ -92,8 +92,6 @@ class EpisodeSampler:
         self.table = np.full((len(counts), counts.max()), -1, dtype=np.int64)
         for label, idx in enumerate(images.by_class):
             self.table[label, : len(idx)] = idx.numpy()
-        self.mean = torch.tensor(images.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(images.std).view(1, -1, 1, 1)
 
     def _pools(self, pool: list[int], within_group: bool) -> list[np.ndarray]:
         if not within_group:
@@ -123,10 +121,6 @@ class EpisodeSampler:
         order = np.argsort(keys, axis=1)[:, : self.k_shot + self.q_query]
         return classes, np.take_along_axis(self.table[classes], order, axis=1)
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float, standardised with the dataset's statistics."""
-        return (images.float() / 255.0 - self.mean) / self.std
-
     def build(self, classes: np.ndarray, indices: np.ndarray) -> Episode:
         n = len(classes)
         k = self.k_shot
@@ -134,9 +128,9 @@ class EpisodeSampler:
         query = torch.from_numpy(indices[:, k:].reshape(-1))
         labels = torch.arange(n)
         return Episode(
-            support_x=self.normalise(self.images.images[support]),
+            support_x=normalise(self.images.images[support], self.images.mean, self.images.std),
             support_y=labels.repeat_interleave(k),
-            query_x=self.normalise(self.images.images[query]),
+            query_x=normalise(self.images.images[query], self.images.mean, self.images.std),
             query_y=labels.repeat_interleave(indices.shape[1] - k),
             classes=torch.from_numpy(np.asarray(classes, dtype=np.int64)),
         )

@@ -267,6 +267,14 @@ def decode_image(data: bytes, size: int, channels: int, invert: bool) -> np.ndar
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float, standardised per channel. Training (the sampler) and
+    serving (the pyfunc) both call this, so a model always sees what it was trained on."""
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
 def _iter_tables(root: Path, split: str) -> Iterator[pa.Table]:
     directory = root / f"split={split}"
     parts = sorted(directory.glob("part-*.parquet"))

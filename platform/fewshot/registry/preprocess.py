@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL.Image import DecompressionBombError
 
-from fewshot.data.store import decode_image, read_manifest
+from fewshot.data.store import decode_image, normalise, read_manifest
 from fewshot.errors import DataError, RegistryError, RequestError
 
 
@@ -64,13 +64,7 @@ class Preprocessing:
                 f"{where}: not a readable image ({type(exc).__name__}); send PNG or JPEG bytes"
             ) from None
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, S, S] -> float [B, C, S, S], as `EpisodeSampler.normalise` does."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
-
     def tensor(self, blobs: Sequence[bytes], name: str) -> torch.Tensor:
         """Encoded images -> the model's input, float [B, C, S, S]."""
         arrays = [self.decode(blob, f"{name}[{i}]") for i, blob in enumerate(blobs)]
-        return self.normalise(torch.from_numpy(np.stack(arrays)))
+        return normalise(torch.from_numpy(np.stack(arrays)), self.mean, self.std)
