@@ -37,6 +37,9 @@ class DataConfig(Section):
     test_split: str = "test"
     image_size: int = Field(28, ge=8, le=512)
     within_group: bool = False  # all classes of an episode from one group (alphabet)
+    # Train on only this many base classes (drawn with `seed`): DATG's few-base-class
+    # setting. None: all classes of train_split.
+    train_classes: int | None = Field(None, ge=2)
 
     @field_validator("train_split", mode="before")
     @classmethod
@@ -64,6 +67,30 @@ class MethodConfig(BaseModel):
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class PretrainConfig(Section):
+    """Whole-class pre-training of the backbone before meta-training (train/pretrain.py):
+    CFN and MTL need it; any method may use it. Adam, cross-entropy over all base classes."""
+
+    steps: int = Field(0, ge=0)  # 0: no pre-training
+    batch_size: int = Field(64, ge=2)  # images per step, over all workers
+    lr: float = Field(1e-3, gt=0)
+
+
+class TaskMixupConfig(Section):
+    """Task mixup (augment/task_mixup.py) for methods that support it (protonet, maml).
+
+    strategy: none (vanilla), mlti (random task pairs), cluster (pairs from different
+    clusters of base classes, no MMD), datg (cluster pairs plus the MMD term)."""
+
+    strategy: Literal["none", "mlti", "cluster", "datg"] = "none"
+    alpha: float = Field(2.0, gt=0)  # lambda ~ Beta(alpha, beta)
+    beta: float = Field(2.0, gt=0)
+    mmd_weight: float = Field(1.0, ge=0)  # datg only
+    clusters: int = Field(2, ge=2)  # k of k-means over base classes (cluster, datg)
+    recluster_every: int | None = Field(None, ge=1)  # None: cluster once, on pixels
+    probability: float = Field(1.0, ge=0, le=1)  # share of tasks replaced by mixed ones
 
 
 class TrainConfig(Section):
@@ -140,6 +167,8 @@ class Config(Section):
     episode: EpisodeConfig = EpisodeConfig()
     backbone: BackboneConfig = BackboneConfig()
     method: MethodConfig = MethodConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    task_mixup: TaskMixupConfig = TaskMixupConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -209,6 +238,7 @@ def validate(raw: dict[str, Any]) -> Config:
     except ValidationError as exc:
         _raise(exc, prefix="method.")
     config.method = MethodConfig(name=config.method.name, **params.model_dump(mode="json"))
+    cls.check(config)
     return config
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fewshot.config import load_config
+from fewshot.errors import DataError
 from fewshot.train.loop import Datasets, Worker
 
 
@@ -34,16 +35,25 @@ def data(synthetic_store):
 
 
 def run(worker: Worker, steps: int) -> list[dict]:
+    if worker.needs_pretraining():
+        worker.pretrain(lambda step, metrics: None)
     return [worker.train_step() for _ in range(steps)]
 
 
-@pytest.mark.parametrize("method", ["protonet", "maml"])
-def test_resumed_run_equals_unbroken_run(synthetic_store, data, method):
-    config = small_config(
-        synthetic_store,
-        f"method.name={method}",
-        "method.inner_steps=1" if method == "maml" else "method.distance=euclidean",
-    )
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=protonet"],
+        ["method.name=maml", "method.inner_steps=1"],
+        # Clusters recomputed on the embeddings at steps 0, 2, 4: part of the state.
+        ["task_mixup.strategy=datg", "task_mixup.recluster_every=2"],
+        # Pre-training, then hard tasks from a buffer of failure classes: part of the state.
+        ["method.name=mtl", "pretrain.steps=3", "method.inner_steps=1", "method.hard_tasks=2"],
+    ],
+    ids=["protonet", "maml", "datg", "mtl"],
+)
+def test_resumed_run_equals_unbroken_run(synthetic_store, data, overrides):
+    config = small_config(synthetic_store, *overrides)
     unbroken = Worker(config, data=data)
     full = run(unbroken, 6)
     first = Worker(config, data=data)
@@ -100,3 +110,69 @@ def test_validation_is_deterministic_and_restores_train_mode(synthetic_store, da
     a, b = worker.validate(), worker.validate()
     assert a == b and 0.0 <= a <= 1.0
     assert worker.method.training
+
+
+def test_failure_class_is_the_class_with_the_lowest_query_accuracy():
+    from fewshot.data.episodes import Episode
+    from fewshot.train.loop import failure_class
+
+    query_y = torch.tensor([0, 0, 1, 1, 2, 2])
+    # class 0: 2/2 right, class 1: 0/2, class 2: 1/2
+    predicted = torch.tensor([0, 0, 2, 0, 2, 1])
+    logits = torch.nn.functional.one_hot(predicted, 3).float()
+    empty = torch.zeros(0)
+    episode = Episode(empty, empty, empty, query_y, torch.tensor([40, 41, 42]))
+    assert failure_class(logits, episode).item() == 41
+
+
+def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(synthetic_store, data):
+    config = small_config(
+        synthetic_store,
+        "method.name=mtl",
+        "pretrain.steps=2",
+        "method.inner_steps=1",
+        "method.hard_tasks=3",
+        "episode.n_way=3",
+        "episode.meta_batch=3",
+    )
+    worker = Worker(config, data=data)
+    step_classes = []
+    task_loss = worker.task_loss
+
+    def recording(task):
+        loss, episode = task_loss(task)
+        step_classes.append(set(episode.classes.tolist()))
+        return loss, episode
+
+    worker.task_loss = recording
+    hard_classes = []
+    hard_loss = worker.hard_task_loss
+
+    def recording_hard(task):
+        loss, episode = hard_loss(task)
+        hard_classes.append(episode.classes.tolist())
+        return loss, episode
+
+    worker.hard_task_loss = recording_hard
+    for _ in range(4):
+        before = len(hard_classes)
+        metrics = worker.train_step()
+        failures = list(worker.failures)
+        # every recorded failure class belongs to a task the model just trained on
+        assert all(any(c in classes for classes in step_classes) for c in failures)
+        if len(failures) >= 3:
+            assert "hard_acc" in metrics
+            for classes in hard_classes[before:]:
+                assert len(classes) == 3 and set(classes) <= set(failures)
+    assert hard_classes, "no hard meta-batch ran"
+
+
+def test_train_classes_restricts_the_base_classes(synthetic_store):
+    config = small_config(synthetic_store, "data.train_classes=12")
+    few = Datasets.load(config)
+    full = Datasets.load(small_config(synthetic_store))
+    assert few.train.n_classes == 12 and len(few.train.labels) == 12 * 10
+    assert set(few.train.class_names) < set(full.train.class_names)
+    assert Datasets.load(config).train.class_names == few.train.class_names  # fixed by seed
+    with pytest.raises(DataError, match="data.train_classes"):
+        Datasets.load(small_config(synthetic_store, "data.train_classes=999"))

@@ -242,6 +242,20 @@ class ImageSet:
             out.setdefault(group, []).append(label)
         return out
 
+    def take_classes(self, labels: list[int]) -> ImageSet:
+        """Only the given classes, relabelled 0..len(labels)-1 in that order."""
+        keep = torch.cat([self.by_class[c] for c in labels])
+        relabel = torch.full((self.n_classes,), -1, dtype=torch.int64)
+        relabel[torch.as_tensor(labels)] = torch.arange(len(labels))
+        return ImageSet(
+            images=self.images[keep],
+            labels=relabel[self.labels[keep]],
+            class_names=[self.class_names[c] for c in labels],
+            class_groups=[self.class_groups[c] for c in labels],
+            mean=self.mean,
+            std=self.std,
+        )
+
     def require_images_per_class(self, needed: int, what: str) -> None:
         for label, idx in enumerate(self.by_class):
             if len(idx) < needed:

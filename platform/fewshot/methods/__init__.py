@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fewshot.errors import ConfigError
-from fewshot.methods import maml, protonet  # noqa: F401  (registers them)
+from fewshot.methods import cfn, maml, mtl, protonet  # noqa: F401  (registers them)
 from fewshot.methods.base import METHODS, FewShotMethod, Loss, Shape
 
 

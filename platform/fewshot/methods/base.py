@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fewshot.data.episodes import Episode
+from fewshot.errors import ConfigError
 from fewshot.models.backbones import Backbone
 
 
@@ -28,11 +29,13 @@ class MethodParams(BaseModel):
 @dataclass
 class Loss:
     """total: the scalar to minimise; parts: its named terms (ce, mmd, ...), for logging;
-    logits: [N*Q, N] query logits, for accuracy."""
+    logits: [N*Q, N] query logits, for accuracy; embeddings: [N*(K+Q), D] the final
+    embeddings of support then query, where the method computes them (DATG's MMD)."""
 
     total: torch.Tensor
     logits: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
 
     def accuracy(self, query_y: torch.Tensor) -> torch.Tensor:
         return (self.logits.argmax(dim=1) == query_y).float().mean()
@@ -45,6 +48,7 @@ class Shape:
     channels: int
     image_size: int
     n_way: int
+    k_shot: int = 1
 
 
 class FewShotMethod(nn.Module):
@@ -52,6 +56,11 @@ class FewShotMethod(nn.Module):
 
     The default `loss` is cross-entropy of `predict`'s logits on the queries;
     methods with extra terms or an inner loop override it.
+
+    Task mixup (DATG, MLTI) needs two more things of a method: `mixup_layers`, the
+    highest layer at which hidden representations may be mixed, and a `loss` that
+    continues from layer `start` (the episode then holds hidden representations at
+    that layer, as `hidden` returns them, instead of images).
     """
 
     name: ClassVar[str]
@@ -59,12 +68,34 @@ class FewShotMethod(nn.Module):
     # False for methods whose inner loop runs the backbone functionally: batch-norm
     # then uses each batch's statistics at train and test time (as MAML does).
     running_stats: ClassVar[bool] = True
+    # True for methods whose classifier has n_way outputs: they test only at n_way.
+    fixed_way: ClassVar[bool] = False
+    # True for methods that start from a backbone pre-trained on whole base classes
+    # (`pretrain.steps`, train/pretrain.py) and keep it frozen by default.
+    pretrains: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, params: MethodParams, shape: Shape) -> None:
         super().__init__()
         self.backbone = backbone
         self.params = params
         self.shape = shape
+        self.frozen_backbone = False
+
+    def freeze_backbone(self) -> None:
+        """Meta-train on a fixed (pre-trained) backbone: no gradients, and batch-norm in
+        eval mode, so it keeps the statistics of pre-training."""
+        self.backbone.requires_grad_(False)
+        self.frozen_backbone = True
+
+    def train(self, mode: bool = True) -> FewShotMethod:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    def hard_tasks(self) -> int:
+        """Tasks of the extra meta-batch built from each step's failure classes (MTL)."""
+        return 0
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
@@ -73,14 +104,42 @@ class FewShotMethod(nn.Module):
         -> logits [M, N]."""
         raise NotImplementedError
 
-    def loss(self, episode: Episode) -> Loss:
+    def loss(self, episode: Episode, start: int = 0) -> Loss:
+        """The episode's loss; `start` > 0 only for methods with `mixup_layers`."""
         logits = self.predict(episode.support_x, episode.support_y, episode.query_x)
         ce = F.cross_entropy(logits.float(), episode.query_y)
         return Loss(total=ce, logits=logits, parts={"ce": ce})
 
+    def embed(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Images (start 0) or layer-`start` representations -> embeddings [B, D] (fp32)."""
+        return self.backbone.head(self.backbone.forward_layers(x, start)).float()
+
+    def mixup_layers(self) -> int | None:
+        """The highest layer l at which task mixup may mix (0: the images); None when
+        the method cannot continue a forward pass from a hidden layer."""
+        return None
+
+    def hidden(self, episode: Episode, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query representations at `layer` (blocks[:layer] of the backbone)."""
+        h = self.backbone.forward_layers(torch.cat([episode.support_x, episode.query_x]), 0, layer)
+        return h[: len(episode.support_x)], h[len(episode.support_x) :]
+
     @classmethod
-    def check(cls, config) -> None:  # noqa: B027 - optional hook
-        """Refuse a bad combination of settings before training (raise ConfigError)."""
+    def check(cls, config) -> None:
+        """Refuse a bad combination of settings before training (raise ConfigError).
+        Subclasses extend it and call super().check(config)."""
+        eval_way = config.eval_episode().n_way
+        if cls.fixed_way and eval_way != config.episode.n_way:
+            raise ConfigError(
+                f"evaluate.n_way: {cls.name}'s classifier has episode.n_way = "
+                f"{config.episode.n_way} outputs, got {eval_way}; train a separate "
+                f"model for {eval_way}-way"
+            )
+        if cls.pretrains and config.pretrain.steps == 0:
+            raise ConfigError(
+                f"pretrain.steps: {cls.name} starts from a pre-trained backbone; "
+                "set pretrain.steps > 0 (e.g. --set pretrain.steps=1000)"
+            )
 
 
 METHODS: dict[str, type[FewShotMethod]] = {}

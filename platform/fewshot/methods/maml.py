@@ -21,7 +21,6 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot.data.episodes import Episode
-from fewshot.errors import ConfigError
 from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
 
 
@@ -40,6 +39,7 @@ class MAML(FewShotMethod):
     name = "maml"
     Params = MAMLParams
     running_stats = False
+    fixed_way = True
 
     def __init__(self, backbone, params, shape):
         super().__init__(backbone, params, shape)
@@ -48,25 +48,34 @@ class MAML(FewShotMethod):
         keep = {"all": ("",), "last_block": (last, "head."), "head": ("head.",)}[params.adapt]
         self.adapted_names = [n for n, _ in self.named_parameters() if n.startswith(keep)]
 
-    @classmethod
-    def check(cls, config) -> None:
-        eval_way = config.eval_episode().n_way
-        if eval_way != config.episode.n_way:
-            raise ConfigError(
-                f"evaluate.n_way: maml's head has episode.n_way = {config.episode.n_way} "
-                f"outputs, got {eval_way}; train a separate model for {eval_way}-way"
-            )
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Images (start 0) or layer-`start` representations -> logits [B, N]."""
+        return self.head(self.backbone.head(self.backbone.forward_layers(x, start)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def mixup_layers(self) -> int:
+        """Task mixup happens below the adapted layers: the inner loop must see the
+        mixed representations as its input."""
+        return {"all": 0, "last_block": self.backbone.n_layers - 1, "head": self.backbone.n_layers}[
+            self.params.adapt
+        ]
+
+    def hidden(self, episode: Episode, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Support and query run as separate batches, as in `loss` (batch statistics).
+        layers = self.backbone.forward_layers
+        return layers(episode.support_x, 0, layer), layers(episode.query_x, 0, layer)
 
     def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, create_graph: bool
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int,
+        create_graph: bool,
+        start: int = 0,
     ) -> dict[str, torch.Tensor]:
         """The parameters after `steps` SGD steps on the support loss (a dict)."""
         params = dict(self.named_parameters())
         for _ in range(steps):
-            logits = functional_call(self, params, (support_x,))
+            logits = functional_call(self, params, (support_x,), {"start": start})
             loss = F.cross_entropy(logits.float(), support_y)
             tensors = [params[n] for n in self.adapted_names]
             grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
@@ -74,14 +83,15 @@ class MAML(FewShotMethod):
                 params[name] = params[name] - self.params.inner_lr * grad
         return params
 
-    def loss(self, episode: Episode) -> Loss:
+    def loss(self, episode: Episode, start: int = 0) -> Loss:
         params = self.adapt(
             episode.support_x,
             episode.support_y,
             self.params.inner_steps,
             create_graph=not self.params.first_order,
+            start=start,
         )
-        logits = functional_call(self, params, (episode.query_x,))
+        logits = functional_call(self, params, (episode.query_x,), {"start": start})
         ce = F.cross_entropy(logits.float(), episode.query_y)
         return Loss(total=ce, logits=logits, parts={"ce": ce})
 

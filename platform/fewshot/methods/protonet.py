@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fewshot.methods.base import FewShotMethod, MethodParams, register
+from fewshot.data.episodes import Episode
+from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
 
 
 class ProtoNetParams(MethodParams):
@@ -41,14 +42,28 @@ class ProtoNet(FewShotMethod):
     name = "protonet"
     Params = ProtoNetParams
 
-    def predict(self, support_x, support_y, query_x):
-        # One forward over support and query: one batch, one set of batch statistics.
-        z = self.backbone(torch.cat([support_x, query_x])).float()
-        support_z, query_z = z[: len(support_x)], z[len(support_x) :]
-        n_way = int(support_y.max()) + 1
-        centres = prototypes(support_z, support_y, n_way)
+    def scores(
+        self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor
+    ) -> torch.Tensor:
+        """Embeddings [N*K, D], labels [N*K], [M, D] -> logits [M, N]."""
+        centres = prototypes(support_z, support_y, int(support_y.max()) + 1)
         if self.params.distance == "cosine":
             scores = F.normalize(query_z, dim=1) @ F.normalize(centres, dim=1).T
         else:
             scores = -squared_distances(query_z, centres)
         return scores / self.params.temperature
+
+    def predict(self, support_x, support_y, query_x):
+        # One forward over support and query: one batch, one set of batch statistics.
+        z = self.embed(torch.cat([support_x, query_x]))
+        return self.scores(z[: len(support_x)], support_y, z[len(support_x) :])
+
+    def mixup_layers(self) -> int:
+        return self.backbone.n_layers  # any layer, up to the last feature map
+
+    def loss(self, episode: Episode, start: int = 0) -> Loss:
+        z = self.embed(torch.cat([episode.support_x, episode.query_x]), start)
+        n_support = len(episode.support_x)
+        logits = self.scores(z[:n_support], episode.support_y, z[n_support:])
+        ce = F.cross_entropy(logits, episode.query_y)
+        return Loss(total=ce, logits=logits, parts={"ce": ce}, embeddings=z)

@@ -23,7 +23,8 @@ import fewshot
 from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
-from fewshot.train.loop import Comm, Worker, fit
+from fewshot.train.comm import Comm
+from fewshot.train.loop import Worker, fit
 from fewshot.train.runner import RoundLogger, model_file
 
 STATE = "state.pt"

@@ -22,21 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
-from fewshot.data.episodes import TRAIN, VAL, EpisodeSampler, tasks_for_rank
+from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
 from fewshot.data.store import ImageSet, load_split
+from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
-from fewshot.methods import FewShotMethod, build_method
+from fewshot.methods import FewShotMethod, Loss, build_method
+from fewshot.train.comm import Comm, all_reduce_gradients
+from fewshot.train.pretrain import pretrain
 
-
-class Comm:
-    """How workers combine results. One process: nothing to combine."""
-
-    rank = 0
-    world_size = 1
-
-    def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat
+HARD = 5  # random stream of hard tasks (episodes 0..3, pre-training 4)
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,8 +91,31 @@ class Datasets:
     def load(cls, config: Config) -> Datasets:
         d = config.data
         train = load_split(d.path, d.train_split, d.image_size)
+        if d.train_classes:
+            if d.train_classes > train.n_classes:
+                raise DataError(
+                    f"data.train_classes: {d.train_classes} but {d.train_split} has "
+                    f"{train.n_classes} classes; lower it or unset it"
+                )
+            chosen = np.random.default_rng(config.seed).choice(
+                train.n_classes, d.train_classes, replace=False
+            )
+            train = train.take_classes(sorted(chosen.tolist()))
         val = load_split(d.path, d.val_split, d.image_size) if d.val_split else None
         return cls(train, val)
+
+
+def failure_class(logits: torch.Tensor, episode: Episode) -> torch.Tensor:
+    """The dataset label of the episode's class with the lowest query accuracy."""
+    correct = (logits.argmax(1) == episode.query_y).float()
+    per_class = torch.zeros(episode.n_way, device=correct.device).index_add(
+        0, episode.query_y, correct
+    )
+    return episode.classes[per_class.argmin()]
+
+
+TaskLoss = Callable[[int], tuple[Loss, Episode]]
+LogHook = Callable[[int, dict[str, float]], None]
 
 
 class Worker:
@@ -111,6 +130,7 @@ class Worker:
         self.device, self.amp = self.runtime.device, self.runtime.amp
         self.memory_format = self.runtime.memory_format
         data = data or Datasets.load(config)
+        self.train_images = data.train
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.method: FewShotMethod = build_method(config, data.train.images.shape[1])
         self.method.to(self.device, memory_format=self.memory_format)
@@ -118,6 +138,9 @@ class Worker:
         self.sampler = EpisodeSampler(
             data.train, e.n_way, e.k_shot, e.q_query, within_group=config.data.within_group
         )
+        self.mixup = None
+        if config.task_mixup.strategy != "none":
+            self.mixup = TaskMixup(config.task_mixup, self.sampler, config.seed, self.method)
         self.val_sampler = None
         if data.val is not None:
             v = config.eval_episode()
@@ -128,50 +151,104 @@ class Worker:
         self.optimizer = build_optimizer(config, self.params)
         self.scheduler = build_scheduler(config, self.optimizer)
         self.step = 0
+        self.pretrained = False
+        # Recent distinct failure classes, newest first (MTL's hard tasks).
+        self.failures: list[int] = []
 
     def autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
+    def to_device(self, episode: Episode) -> Episode:
+        return episode.to(self.device, self.memory_format)
+
+    def needs_pretraining(self) -> bool:
+        return self.config.pretrain.steps > 0 and self.step == 0 and not self.pretrained
+
+    def pretrain(self, on_log: LogHook) -> None:
+        pretrain(self, self.config.pretrain, self.train_images, on_log)
+        self.pretrained = True
+
+    def task_loss(self, task: int) -> tuple[Loss, Episode]:
+        """The loss of task `task` of this step, and the episode whose labels it uses."""
+        if self.mixup:
+            return self.mixup.loss(self.method, self.step, task, self.to_device)
+        episode = self.to_device(self.sampler.episode(TRAIN, self.config.seed, self.step, task))
+        return self.method.loss(episode), episode
+
+    def hard_task_loss(self, task: int) -> tuple[Loss, Episode]:
+        """A task over n_way of the recorded failure classes, with fresh images."""
+        seed, step = self.config.seed, self.step
+        rng = np.random.default_rng([HARD, seed, step, task])
+        classes = rng.choice(self.failures, self.sampler.n_way, replace=False)
+        episode = self.sampler.episode_of_classes(classes.tolist(), HARD, seed, step, task)
+        episode = self.to_device(episode)
+        return self.method.loss(episode), episode
+
+    def remember_failures(self, failures: list[int]) -> None:
+        keep = max(self.sampler.n_way, self.config.episode.meta_batch)
+        for label in failures:
+            if label in self.failures:
+                self.failures.remove(label)
+            self.failures.insert(0, label)
+        del self.failures[keep:]
+
     def train_step(self) -> dict[str, float]:
-        """One optimiser step on the meta-batch; returns metrics averaged over its tasks."""
+        """One meta-batch (plus MTL's hard-task meta-batch); returns metrics averaged over
+        its tasks."""
         config, comm = self.config, self.comm
-        meta_batch = config.episode.meta_batch
         torch.manual_seed(
             int(np.random.SeedSequence([config.seed, self.step, comm.rank]).generate_state(1)[0])
         )
+        if self.mixup and self.mixup.due(self.step):
+            self.recluster()
         self.method.train()
+        metrics, failures = self.optimise(config.episode.meta_batch, self.task_loss)
+        hard = self.method.hard_tasks()
+        if hard:
+            self.remember_failures(failures)
+            if len(self.failures) >= self.sampler.n_way:
+                hard_metrics, _ = self.optimise(hard, self.hard_task_loss)
+                metrics.update({f"hard_{name}": value for name, value in hard_metrics.items()})
+        self.scheduler.step()
+        self.step += 1
+        return {**metrics, "lr": self.scheduler.get_last_lr()[0]}
+
+    def optimise(self, count: int, task_loss: TaskLoss) -> tuple[dict[str, float], list[int]]:
+        """One optimiser step on `count` tasks shared by the workers: back-propagate
+        sum(loss_i) / count, then one all-reduce of gradients, metric sums and each
+        task's failure class. Returns (metrics averaged over tasks, failure classes)."""
+        comm = self.comm
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for task in tasks_for_rank(meta_batch, comm.rank, comm.world_size):
-            episode = self.sampler.episode(TRAIN, config.seed, self.step, task)
-            episode = episode.to(self.device, self.memory_format)
+        failures = torch.zeros(count, device=self.device)
+        for task in tasks_for_rank(count, comm.rank, comm.world_size):
             with self.autocast():
-                loss = self.method.loss(episode)
-            (loss.total / meta_batch).backward()
+                loss, episode = task_loss(task)
+            (loss.total / count).backward()
             values = {"loss": loss.total, "acc": loss.accuracy(episode.query_y), **loss.parts}
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
+            failures[task] = failure_class(loss.logits.detach(), episode).float()
         names = sorted(sums)
-        # One buffer, one all-reduce per step: gradients (zeros where a parameter got
-        # none, so every rank sends the same layout) followed by the metric sums.
-        grads = [
-            p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in self.params
-        ]
-        flat = torch.cat(grads + [torch.stack([sums[n] for n in names]).to(grads[0].dtype)])
-        flat = comm.all_reduce_sum(flat)
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        if config.train.grad_clip:
-            nn.utils.clip_grad_norm_(self.params, config.train.grad_clip)
+        extras = torch.cat([torch.stack([sums[n] for n in names]), failures])
+        summed = all_reduce_gradients(self.params, extras, comm).tolist()
+        if self.config.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        metrics = (flat[offset:] / meta_batch).tolist()
-        return {**dict(zip(names, metrics, strict=True)), "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {n: value / count for n, value in zip(names, summed[: len(names)], strict=True)}
+        return metrics, [int(c) for c in summed[len(names) :]]
+
+    @torch.no_grad()
+    def recluster(self) -> None:
+        """Task mixup's clusters, on pixels or on the current embeddings."""
+        if self.config.task_mixup.recluster_every is None and not self.pretrained:
+            self.mixup.cluster(None)
+            return
+        self.method.eval()  # leave batch-norm running statistics alone
+        self.mixup.cluster(lambda x: self.method.embed(x.to(self.device)))
+        self.method.train()
 
     def validate(self) -> float:
         """Mean accuracy on the fixed validation episodes, split over the workers."""
@@ -192,6 +269,9 @@ class Worker:
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "pretrained": self.pretrained,
+            "failures": list(self.failures),
+            "mixup": self.mixup.state_dict() if self.mixup else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -199,16 +279,23 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.pretrained = state["pretrained"]
+        self.failures = list(state["failures"])
+        if self.mixup:
+            self.mixup.load_state_dict(state["mixup"])
 
 
 RoundHook = Callable[[Worker, dict[str, float]], None]
-LogHook = Callable[[int, dict[str, float]], None]
 
 
 def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
-    """Step until `train.steps`; log every `log_every`, validate and checkpoint every
-    `eval_every` (and at the end) through the hooks."""
+    """Pre-train if the config asks for it; then step until `train.steps`; log every
+    `log_every`, validate and checkpoint every `eval_every` (and at the end) through
+    the hooks."""
     t = worker.config.train
+    if worker.needs_pretraining():
+        worker.pretrain(on_log)
+        on_round(worker, {"val_acc": worker.validate()})  # checkpoint the pre-trained backbone
     window: dict[str, list[float]] = {}
     round_start, round_first_step = time.perf_counter(), worker.step
     while worker.step < t.steps:

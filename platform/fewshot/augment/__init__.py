@@ -1,0 +1,1 @@
+"""Task augmentation: task mixup (DATG and its ablation MLTI)."""
