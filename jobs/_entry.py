@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 
-def run(command: str) -> None:
+def run(*command: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
     from fewshot.cli import main
 
-    sys.argv = ["fewshot", command, *sys.argv[1:]]
+    sys.argv = ["fewshot", *command, *sys.argv[1:]]
     main()

@@ -442,6 +442,26 @@ def bench_distributed(
     console.print(out.read_text())
 
 
+@bench_app.command("methods")
+def bench_methods(
+    config: Annotated[Path, typer.Option(help="Bench file: base config, tasks, rows.")] = Path(
+        "jobs/configs/bench_methods.yaml"
+    ),
+    out: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path(
+        "benchmarks/results/methods.md"
+    ),
+    set_: SetOpt = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this row (repeatable), by name.")
+    ] = None,
+) -> None:
+    """Train every method and ablation with one budget; test all on the same episodes."""
+    from fewshot.bench import methods
+
+    methods.run(config, out, set_, only)
+    console.print(out.read_text())
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow and control cluster jobs.")
 app.add_typer(jobs_app, name="jobs")
 AddressOpt = Annotated[

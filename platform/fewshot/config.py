@@ -242,7 +242,8 @@ def validate(raw: dict[str, Any]) -> Config:
     return config
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_value(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a raw config tree, creating sections on the way."""
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
@@ -259,7 +260,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=500")
-        _set(raw, key.strip(), yaml.safe_load(text))
+        set_value(raw, key.strip(), yaml.safe_load(text))
     return raw
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fewshot.errors import ConfigError
-from fewshot.methods import cfn, maml, mtl, protonet  # noqa: F401  (registers them)
+from fewshot.methods import cfn, maml, mtl, protonet, subspace, trml  # noqa: F401  (registers them)
 from fewshot.methods.base import METHODS, FewShotMethod, Loss, Shape
 
 
@@ -23,7 +23,12 @@ def build_method(config, channels: int) -> FewShotMethod:
         config.backbone.name, channels, config.backbone.width, running_stats=cls.running_stats
     )
     params = cls.Params.model_validate(config.method.params())
-    shape = Shape(channels=channels, image_size=config.data.image_size, n_way=config.episode.n_way)
+    shape = Shape(
+        channels=channels,
+        image_size=config.data.image_size,
+        n_way=config.episode.n_way,
+        k_shot=config.episode.k_shot,
+    )
     return cls(backbone, params, shape)
 
 

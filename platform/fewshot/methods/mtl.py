@@ -51,11 +51,12 @@ class ScaleShift(nn.Module):
         conv.register_forward_hook(self.hook)
 
     def hook(self, conv: nn.Conv2d, inputs, output: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.scale.view(1, -1, 1, 1), self.shift.view(1, -1, 1, 1)
-        if conv.bias is None:
-            return output * scale + shift
-        bias = conv.bias.view(1, -1, 1, 1)
-        return (output - bias) * scale + bias + shift
+        # (output - b) * scale + b + shift, as one fused multiply-add over the feature map
+        offset = self.shift if conv.bias is None else conv.bias * (1 - self.scale) + self.shift
+        view = (1, -1, 1, 1)  # in the conv's dtype: bf16 under autocast stays bf16
+        return torch.addcmul(
+            offset.view(view).to(output.dtype), output, self.scale.view(view).to(output.dtype)
+        )
 
 
 @register

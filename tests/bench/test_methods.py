@@ -1,0 +1,65 @@
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from fewshot.bench import methods
+from fewshot.config import validate
+from fewshot.errors import ConfigError
+from fewshot.train.runner import evaluate_method, load_model
+
+
+@pytest.fixture
+def bench_file(workdir, synthetic_store):
+    spec = {
+        "name": "tiny",
+        "base": {
+            "data": {"path": str(synthetic_store), "image_size": 16},
+            "backbone": {"width": 8},
+            "episode": {"n_way": 3, "q_query": 3, "meta_batch": 2},
+            "train": {"steps": 4, "eval_every": 4, "val_episodes": 2},
+            "evaluate": {"episodes": 20, "q_query": 3},
+            "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}"},
+        },
+        "tasks": [[3, 1], [4, 1]],
+        "rows": [
+            {"name": "ProtoNet", "set": {"method.name": "protonet"}},
+            {"name": "MAML", "set": {"method.name": "maml", "method.inner_steps": 1}},
+        ],
+    }
+    path = workdir / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_every_row_is_tested_on_every_task_with_a_second_model_where_tied(workdir, bench_file):
+    out = workdir / "methods.md"
+    results = methods.run(bench_file, out)
+    assert [r["name"] for r in results] == ["ProtoNet", "MAML"]
+    # ProtoNet tests 4-way with its 3-way model; MAML's head is 3-way, so it trained a 4-way one.
+    assert (workdir / "runs" / "tiny-maml-4w" / "model.pt").is_file()
+    assert not (workdir / "runs" / "tiny-protonet-4w").exists()
+    # The table's figures are the fixed test episodes of each task, recomputed here.
+    config, method = load_model(workdir / "runs" / "tiny-protonet")
+    raw = config.model_dump(mode="json")
+    raw["evaluate"]["n_way"] = 4
+    again = evaluate_method(method, validate(raw))
+    assert results[0]["accuracy"]["4w1s"].mean == pytest.approx(again.mean)
+    table = out.read_text()
+    assert "| ProtoNet |" in table and "| MAML |" in table and "4-way 1-shot" in table
+    # ... and the same figures are in MLflow, in one run named after the bench.
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'tiny'", max_results=5
+    )
+    assert len(runs) == 1
+    assert runs[0].data.metrics["maml.4w1s"] == pytest.approx(results[1]["accuracy"]["4w1s"].mean)
+
+
+def test_an_unknown_row_or_bad_file_is_refused(workdir, bench_file):
+    with pytest.raises(ConfigError, match="--only"):
+        methods.run(bench_file, workdir / "m.md", only=["Nope"])
+    bad = workdir / "bad.yaml"
+    bad.write_text("rows: []\n")
+    with pytest.raises(ConfigError, match="bench file"):
+        methods.run(bad, workdir / "m.md")
