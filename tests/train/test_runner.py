@@ -4,7 +4,7 @@ import mlflow
 import pytest
 
 from fewshot.config import load_config
-from fewshot.errors import CheckpointError
+from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate import mean_ci
 from fewshot.train.runner import evaluate_method, load_model, train
 
@@ -70,3 +70,18 @@ def test_mean_ci_formula():
     std = (sum((x - 0.75) ** 2 for x in [0.5, 1.0, 0.75, 0.75]) / 4) ** 0.5
     assert accuracy.mean == 0.75
     assert accuracy.ci95 == pytest.approx(1.96 * std / 2)
+
+
+def test_a_config_refused_at_build_time_leaves_no_run_behind(workdir, synthetic_store):
+    bad = config(synthetic_store, "method.name=trml", "tracking.enabled=false")
+    with pytest.raises(ConfigError, match="conv4_nopool"):
+        train(bad)
+    assert not (workdir / "runs" / "unit").exists()  # the corrected config may reuse the name
+    good = config(
+        synthetic_store,
+        "method.name=trml",
+        "backbone.name=conv4_nopool",
+        "tracking.enabled=false",
+        "train.steps=1",
+    )
+    assert train(good).steps == 1

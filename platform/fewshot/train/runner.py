@@ -195,11 +195,24 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
     return model_file(worker), logger.last
 
 
+def has_progress(config: Config, run_dir: Path) -> bool:
+    """Whether a run has anything to continue from: a checkpoint here, or Ray's."""
+    if any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt")):
+        return True
+    if config.distributed.workers:
+        from fewshot.train.distributed import storage_path
+
+        storage = storage_path(config)
+        return "://" in storage or (Path(storage) / config.name).exists()
+    return False
+
+
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
     """Train (here, or on Ray with `distributed.workers`), then evaluate on the fixed
     test episodes and log everything; with `registry.register`, register the model."""
     if config.registry.register and not config.tracking.enabled:
         raise ConfigError("registry.register: needs tracking.enabled=true (the registry is MLflow)")
+    fresh = not (config.train.output_dir / config.name).exists() or restart
     run_dir, resume_run_id = prepare_run_dir(config, restart)
     tracker = Tracker(config)
     run_id = tracker.start(resume_run_id)
@@ -221,6 +234,12 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
         tracker.table("evaluation", [evaluation_row(config, test)])
         tracker.artifact(model_path, "model")
         status = "FINISHED"
+    except BaseException:
+        # A run refused or failed before its first checkpoint leaves no directory that
+        # would block the corrected config under the same name (its MLflow run says FAILED).
+        if fresh and not has_progress(config, run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         tracker.end(status)
     if config.registry.register:
