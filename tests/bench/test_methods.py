@@ -56,6 +56,19 @@ def test_every_row_is_tested_on_every_task_with_a_second_model_where_tied(workdi
     assert runs[0].data.metrics["maml.4w1s"] == pytest.approx(results[1]["accuracy"]["4w1s"].mean)
 
 
+def test_only_redoes_the_named_rows_and_keeps_the_others(workdir, bench_file):
+    out = workdir / "methods.md"
+    first = methods.run(bench_file, out)
+    spec = yaml.safe_load(bench_file.read_text())
+    spec["rows"][0]["set"]["train.steps"] = 2  # ProtoNet changes; MAML must be kept as is
+    bench_file.write_text(yaml.safe_dump(spec))
+    second = methods.run(bench_file, out, only=["ProtoNet"])
+    assert [r["name"] for r in second] == ["ProtoNet", "MAML"]
+    assert second[1]["accuracy"] == first[1]["accuracy"]
+    assert (workdir / "runs" / "tiny-protonet" / "config.yaml").read_text().count("steps: 2")
+    assert "| MAML |" in out.read_text()
+
+
 def test_an_unknown_row_or_bad_file_is_refused(workdir, bench_file):
     with pytest.raises(ConfigError, match="--only"):
         methods.run(bench_file, workdir / "m.md", only=["Nope"])

@@ -10,12 +10,14 @@ cannot test at another n_way: it gets a second model trained at that n_way with 
 same settings (the training minutes column adds both).
 
 Every row's training is its own MLflow run; one more run, named after the bench,
-holds the table (markdown and JSON) and one metric per row and task.
+holds the table (markdown and JSON) and one metric per row and task. The rows are also
+kept as JSON beside the table: `--only ROW` retrains those rows and keeps the others.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from pathlib import Path
@@ -100,10 +102,36 @@ def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[st
                 accuracy = evaluate_method(method, test)
             accuracies[f"{n_way}w{k_shot}s"] = accuracy
         results.append({"name": row["name"], "minutes": minutes, "accuracy": accuracies})
+    if only:  # keep the other rows of an earlier run of the same bench
+        order = [r["name"] for r in spec["rows"]]
+        mine = {r["name"] for r in results}
+        kept = [r for r in read_results(out) if r["name"] in order and r["name"] not in mine]
+        results = sorted(kept + results, key=lambda r: order.index(r["name"]))
     tasks = [tuple(t) for t in spec["tasks"]]
+    write_results(out, results)
     write(out, bench, base, tasks, results)
     log(bench, base, out, results)
     return results
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    """The rows as JSON beside the table, so `--only` can redo some rows and keep the rest."""
+    rows = [
+        {**r, "accuracy": {t: [a.mean, a.ci95, a.episodes] for t, a in r["accuracy"].items()}}
+        for r in results
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def read_results(out: Path) -> list[dict]:
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return []
+    return [
+        {**r, "accuracy": {t: Accuracy(*a) for t, a in r["accuracy"].items()}}
+        for r in json.loads(path.read_text())
+    ]
 
 
 def write(out: Path, bench: str, base: dict, tasks: list, results: list[dict]) -> None:
