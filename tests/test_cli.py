@@ -25,6 +25,7 @@ COMMANDS = [
     ["jobs", "stop"],
     ["bench"],
     ["bench", "distributed"],
+    ["tune"],
 ]
 
 
@@ -51,6 +52,8 @@ def test_every_command_has_help(command):
             "error: x.zip does not exist",
         ),
         (["evaluate", "--run", "runs/none"], "error: runs/none: no such model file"),
+        (["tune", "--config", "missing.yaml"], "error: tune file missing.yaml does not exist"),
+        (["tune", "--resume", "gone"], "error: --resume gone: no search in runs/gone"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):

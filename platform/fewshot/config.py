@@ -40,6 +40,10 @@ class DataConfig(Section):
     # Train on only this many base classes (drawn with `seed`): DATG's few-base-class
     # setting. None: all classes of train_split.
     train_classes: int | None = Field(None, ge=2)
+    # Hold out this many groups (alphabets, scripts) of train_split, drawn with `seed`,
+    # as the validation classes: for stores without a validation split (Omniglot's
+    # small1/small2). Needs val_split: null. train_classes then draws from the rest.
+    val_groups: int | None = Field(None, ge=1)
 
     @field_validator("train_split", mode="before")
     @classmethod
@@ -232,6 +236,12 @@ def validate(raw: dict[str, Any]) -> Config:
             f"distributed.workers = {config.distributed.workers}; raise meta_batch to at least "
             "the number of workers"
         )
+    if config.data.val_groups and config.data.val_split:
+        raise ConfigError(
+            f"data.val_groups: holds validation classes out of the train split, but "
+            f"data.val_split = {config.data.val_split!r} already names a validation split; "
+            "set data.val_split: null (or unset data.val_groups)"
+        )
     cls = method_class(config.method.name)
     try:
         params = cls.Params.model_validate(config.method.params())
@@ -264,21 +274,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (ConfigError naming the file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or start from the defaults), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml(path) if path is not None else {}
     return validate(apply_overrides(raw, overrides or []))
 
 

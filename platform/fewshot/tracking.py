@@ -86,8 +86,11 @@ class Tracker:
             self._client = MlflowClient(tracking_uri(self.config.tracking.uri))
         return self._client
 
-    def start(self, resume_run_id: str | None = None) -> str | None:
-        """Create the run (params, tags, config.yaml), or reopen `resume_run_id`."""
+    def start(
+        self, resume_run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str | None:
+        """Create the run (params, tags, config.yaml), or reopen `resume_run_id`. `tags` are
+        added to the new run's own (`mlflow.parentRunId` makes it a nested run)."""
         if not self.enabled:
             return None
         if resume_run_id:
@@ -101,7 +104,7 @@ class Tracker:
         experiment_id = (
             experiment.experiment_id if experiment else (self.client.create_experiment(name))
         )
-        tags = {
+        run_tags = {
             "mlflow.runName": self.config.name,
             "fewshot.method": self.config.method.name,
             "fewshot.backbone": self.config.backbone.name,
@@ -109,8 +112,9 @@ class Tracker:
             "fewshot.config_hash": config_hash(self.config),
             "git.commit": git_commit(),
             **{f"version.{k}": v for k, v in versions().items()},
+            **(tags or {}),
         }
-        self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
+        self.run_id = self.client.create_run(experiment_id, tags=run_tags).info.run_id
         params = [
             mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(as_dict(self.config)).items()
         ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,51 +22,6 @@ from fewshot.train.loop import Worker
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real local head with its Jobs server, bound to 127.0.0.1, stopped afterwards."""
-    import ray
-
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    port, dashboard = free_port(), free_port()
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    address = f"127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    os.environ.update(RAY_ADDRESS=address, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    ray.init(address=address)
-    try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
-    finally:
-        ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def settings(store: Path, out: Path, *extra: str) -> list[str]:

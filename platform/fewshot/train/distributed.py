@@ -12,6 +12,7 @@ continues from it, because Ray keeps checkpoints under storage_path/NAME.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
-from fewshot.train.loop import Worker, fit
+from fewshot.train.loop import Worker, eval_rounds, fit
 from fewshot.train.runner import RoundLogger, model_file
 
 STATE = "state.pt"
@@ -57,11 +58,16 @@ def worker_loop(loop_config: dict) -> None:
     tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
     if checkpoint:
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
+    else:  # what the built method and optimiser really hold (checked by the tune tests)
+        tracker.text(json.dumps(worker.effective(), indent=2), "effective.json")
     logger = RoundLogger(tracker)
 
     def on_round(w: Worker, metrics: dict[str, float]) -> None:
         logger.round(w, metrics)
-        report = {**metrics, "step": w.step, "pid": os.getpid()}
+        # `round` counts evaluation rounds over the whole run, resumed or not: Tune's
+        # schedulers measure a trial's progress in it.
+        report = {**metrics, "step": w.step, "round": eval_rounds(config, w.step)}
+        report["pid"] = os.getpid()
         if comm.rank != 0:
             ray.train.report(report)
             return
@@ -72,8 +78,12 @@ def worker_loop(loop_config: dict) -> None:
     fit(worker, logger.log, on_round)
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine."""
+def connect(address: str | None, dashboard: bool = False) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine,
+    with its dashboard on 127.0.0.1 if `dashboard`: Ray Tune over Ray Train needs it
+    (the State API behind it is how Train removes the placement group of a run whose
+    driver was stopped, as a trial stopped by the scheduler is; without it the run's
+    CPUs stay reserved and later trials wait forever)."""
     import ray
 
     if ray.is_initialized():
@@ -84,6 +94,8 @@ def connect(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=code)
+    elif dashboard:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=code)
     else:
         ray.init(include_dashboard=False, runtime_env=code)
 
@@ -124,8 +136,11 @@ def storage_path(config: Config) -> str:
     return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
 
 
-def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tuple[dict, dict]:
-    """Run the worker loop on Ray Train; returns (model file, last round's metrics)."""
+def fit_on_ray(
+    config: Config, run_id: str | None, restart: bool = False, callbacks: list | None = None
+) -> tuple[dict, dict]:
+    """Run the worker loop on Ray Train; returns (model file, last round's metrics).
+    `callbacks` go into the Train run's RunConfig (Tune's TuneReportCallback, for one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -149,6 +164,7 @@ def fit_on_ray(config: Config, run_id: str | None, restart: bool = False) -> tup
             storage_path=storage,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

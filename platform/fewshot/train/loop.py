@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.pretrain import pretrain
 
 HARD = 5  # random stream of hard tasks (episodes 0..3, pre-training 4)
+HOLD_OUT = 6  # random stream of the validation groups held out of the train split
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,6 +93,9 @@ class Datasets:
     def load(cls, config: Config) -> Datasets:
         d = config.data
         train = load_split(d.path, d.train_split, d.image_size)
+        val = load_split(d.path, d.val_split, d.image_size) if d.val_split else None
+        if d.val_groups:
+            train, val = hold_out_groups(train, d.val_groups, config.seed, d.train_split)
         if d.train_classes:
             if d.train_classes > train.n_classes:
                 raise DataError(
@@ -101,8 +106,27 @@ class Datasets:
                 train.n_classes, d.train_classes, replace=False
             )
             train = train.take_classes(sorted(chosen.tolist()))
-        val = load_split(d.path, d.val_split, d.image_size) if d.val_split else None
         return cls(train, val)
+
+
+def hold_out_groups(
+    images: ImageSet, count: int, seed: int, split: list[str]
+) -> tuple[ImageSet, ImageSet]:
+    """(the classes of all but `count` groups, the classes of those `count` groups), the
+    held-out groups drawn with `seed`: validation classes disjoint from the training
+    classes, whole groups apart, as a store's own validation split would be."""
+    groups = images.groups()
+    if count >= len(groups):
+        raise DataError(
+            f"data.val_groups: {count} but {split} has {len(groups)} groups; hold out fewer "
+            "so that some remain for training"
+        )
+    names = sorted(groups)
+    rng = np.random.default_rng([HOLD_OUT, seed])
+    held = {names[i] for i in rng.choice(len(names), count, replace=False).tolist()}
+    val = [c for name in names if name in held for c in groups[name]]
+    train = [c for name in names if name not in held for c in groups[name]]
+    return images.take_classes(sorted(train)), images.take_classes(sorted(val))
 
 
 def failure_class(logits: torch.Tensor, episode: Episode) -> torch.Tensor:
@@ -263,6 +287,19 @@ class Worker:
         )
         return float(total.item()) / count
 
+    def effective(self) -> dict[str, Any]:
+        """The searchable settings as the built objects hold them (dotted paths): the
+        method's params, the optimiser's learning rate and task mixup's settings. What a
+        run really trained with, to check against what it was asked for."""
+        used: dict[str, Any] = {
+            f"method.{k}": v for k, v in self.method.params.model_dump(mode="json").items()
+        }
+        used["train.lr"] = self.optimizer.defaults["lr"]
+        if self.mixup:
+            settings = self.mixup.settings.model_dump(mode="json")
+            used.update({f"task_mixup.{k}": v for k, v in settings.items()})
+        return used
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -286,6 +323,15 @@ class Worker:
 
 
 RoundHook = Callable[[Worker, dict[str, float]], None]
+
+
+def eval_rounds(config: Config, step: int | None = None) -> int:
+    """How many evaluation rounds `fit` has run once at `step` (default: the end of
+    training), the round after pre-training included."""
+    t = config.train
+    step = t.steps if step is None else step
+    last = step == t.steps and t.steps % t.eval_every != 0
+    return step // t.eval_every + int(last) + int(config.pretrain.steps > 0)
 
 
 def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:

@@ -1,0 +1,6 @@
+"""`ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune_X.yaml`:
+a hyper-parameter search (`fewshot tune`) run on the cluster; `--resume NAME` continues one."""
+
+from _entry import run
+
+run("tune")
