@@ -49,6 +49,25 @@ def synthetic_store(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_config(synthetic_store):
+    """`tiny_config(*overrides)`: a config on the synthetic store small enough for a unit
+    test to train a few steps in a second (16 px, width-8 backbone, 3 queries, 2 tasks)."""
+    from fewshot.config import load_config
+
+    def make(*overrides: str):
+        base = [
+            f"data.path={synthetic_store}",
+            "data.image_size=16",
+            "backbone.width=8",
+            "episode.q_query=3",
+            "episode.meta_batch=2",
+        ]
+        return load_config(None, [*base, *overrides])
+
+    return make
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh directory, so runs/ and mlflow.db land in it."""

@@ -3,36 +3,24 @@ import pytest
 import torch
 
 from fewshot.augment.task_mixup import balance, kmeans, mix, mmd2
-from fewshot.config import load_config
 from fewshot.errors import ConfigError
 from fewshot.train.loop import Datasets, Worker
 
 
-def config(store, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.path={store}",
-            "data.image_size=16",
-            "backbone.width=8",
-            "episode.q_query=3",
-            "episode.meta_batch=2",
-            "tracking.enabled=false",
-            *overrides,
-        ],
-    )
+@pytest.fixture(scope="module")
+def data(tiny_config):
+    return Datasets.load(tiny_config())
 
 
 @pytest.fixture(scope="module")
-def data(synthetic_store):
-    return Datasets.load(config(synthetic_store))
+def worker(tiny_config, data):
+    def make(*overrides) -> Worker:
+        w = Worker(tiny_config("tracking.enabled=false", *overrides), data=data)
+        if w.mixup.due(0):
+            w.recluster()
+        return w
 
-
-def worker(store, data, *overrides) -> Worker:
-    w = Worker(config(store, *overrides), data=data)
-    if w.mixup.due(0):
-        w.recluster()
-    return w
+    return make
 
 
 def test_mmd_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
@@ -60,8 +48,8 @@ def test_kmeans_finds_two_blobs_and_balance_fills_small_clusters():
     assert (balanced[6:] == labels[6]).all()  # the small cluster keeps its own classes
 
 
-def test_lambda_one_reproduces_the_first_task(synthetic_store, data, monkeypatch):
-    w = worker(synthetic_store, data, "task_mixup.strategy=mlti")
+def test_lambda_one_reproduces_the_first_task(worker, monkeypatch):
+    w = worker("task_mixup.strategy=mlti")
     for layer in range(w.method.mixup_layers() + 1):
         monkeypatch.setattr(w.mixup, "draws", lambda step, task, top, layer=layer: (layer, 1.0))
         torch.manual_seed(0)
@@ -72,8 +60,8 @@ def test_lambda_one_reproduces_the_first_task(synthetic_store, data, monkeypatch
         torch.testing.assert_close(mixed.logits, plain.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_tasks_keep_the_episode_shape(synthetic_store, data, monkeypatch):
-    w = worker(synthetic_store, data, "task_mixup.strategy=mlti")
+def test_mixed_tasks_keep_the_episode_shape(worker, monkeypatch):
+    w = worker("task_mixup.strategy=mlti")
     seen = []
     loss_of = w.method.loss
     monkeypatch.setattr(w.method, "loss", lambda e, start=0: seen.append(e) or loss_of(e, start))
@@ -84,8 +72,8 @@ def test_mixed_tasks_keep_the_episode_shape(synthetic_store, data, monkeypatch):
         assert episode.support_y.tolist() == list(range(5))
 
 
-def test_cluster_pairing_never_mixes_tasks_of_one_cluster(synthetic_store, data):
-    w = worker(synthetic_store, data, "task_mixup.strategy=cluster", "task_mixup.clusters=3")
+def test_cluster_pairing_never_mixes_tasks_of_one_cluster(worker, data):
+    w = worker("task_mixup.strategy=cluster", "task_mixup.clusters=3")
     cluster_of = {c: i for i, members in enumerate(w.mixup.clusters) for c in members}
     assert len(cluster_of) == data.train.n_classes
     assert min(len(members) for members in w.mixup.clusters) >= 5
@@ -100,29 +88,27 @@ def test_cluster_pairing_never_mixes_tasks_of_one_cluster(synthetic_store, data)
         assert len(homes) == 1  # one meta-batch, one cluster
 
 
-def test_mlti_pairs_at_random_and_datg_adds_the_weighted_mmd(synthetic_store, data):
-    mlti = worker(synthetic_store, data, "task_mixup.strategy=mlti")
+def test_mlti_pairs_at_random_and_datg_adds_the_weighted_mmd(worker):
+    mlti = worker("task_mixup.strategy=mlti")
     loss, _ = mlti.mixup.loss(mlti.method, 0, 0, mlti.to_device)
     assert set(loss.parts) == {"ce"}
-    datg = worker(synthetic_store, data, "task_mixup.strategy=datg", "task_mixup.mmd_weight=3")
+    datg = worker("task_mixup.strategy=datg", "task_mixup.mmd_weight=3")
     loss, _ = datg.mixup.loss(datg.method, 0, 0, datg.to_device)
     assert loss.parts["mmd"].item() > 0
     expected = loss.parts["ce"] + 3 * loss.parts["mmd"]
     torch.testing.assert_close(loss.total, expected)
 
 
-def test_probability_zero_trains_on_real_tasks_only(synthetic_store, data):
-    w = worker(synthetic_store, data, "task_mixup.strategy=datg", "task_mixup.probability=0")
+def test_probability_zero_trains_on_real_tasks_only(worker):
+    w = worker("task_mixup.strategy=datg", "task_mixup.probability=0")
     for task in range(3):
         first, second = w.mixup.pair(0, task)
         assert second is None
         assert torch.equal(first.classes, w.sampler.episode(0, 0, 0, task).classes)
 
 
-def test_maml_mixes_below_its_adapted_layers(synthetic_store, data):
+def test_maml_mixes_below_its_adapted_layers(worker):
     last = worker(
-        synthetic_store,
-        data,
         "method.name=maml",
         "method.adapt=last_block",
         "task_mixup.strategy=mlti",
@@ -130,8 +116,6 @@ def test_maml_mixes_below_its_adapted_layers(synthetic_store, data):
     )
     assert last.method.mixup_layers() == last.method.backbone.n_layers - 1
     every = worker(
-        synthetic_store,
-        data,
         "method.name=maml",
         "task_mixup.strategy=mlti",
         "method.inner_steps=1",
@@ -141,10 +125,8 @@ def test_maml_mixes_below_its_adapted_layers(synthetic_store, data):
     assert torch.isfinite(loss.total)
 
 
-def test_bad_combinations_are_refused(synthetic_store, data):
+def test_bad_combinations_are_refused(worker):
     with pytest.raises(ConfigError, match="task_mixup.clusters"):
-        worker(synthetic_store, data, "task_mixup.strategy=datg", "task_mixup.clusters=8")
+        worker("task_mixup.strategy=datg", "task_mixup.clusters=8")
     with pytest.raises(ConfigError, match="task_mixup.strategy"):
-        worker(
-            synthetic_store, data, "method.name=cfn", "pretrain.steps=1", "task_mixup.strategy=mlti"
-        )
+        worker("method.name=cfn", "pretrain.steps=1", "task_mixup.strategy=mlti")

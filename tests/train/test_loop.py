@@ -3,35 +3,28 @@ import io
 import pytest
 import torch
 
-from fewshot.config import load_config
 from fewshot.errors import DataError
 from fewshot.train.loop import Datasets, Worker
 
-
-def small_config(store, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.path={store}",
-            "data.image_size=16",
-            "backbone.width=8",
-            "episode.q_query=3",
-            "episode.meta_batch=2",
-            "train.steps=6",
-            "train.eval_every=3",
-            "train.val_episodes=4",
-            "train.lr=0.01",
-            "train.schedule=step",
-            "train.step_every=2",
-            "train.gamma=0.5",
-            *overrides,
-        ],
-    )
+LOOP = [
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.val_episodes=4",
+    "train.lr=0.01",
+    "train.schedule=step",
+    "train.step_every=2",
+    "train.gamma=0.5",
+]
 
 
 @pytest.fixture(scope="module")
-def data(synthetic_store):
-    return Datasets.load(small_config(synthetic_store))
+def small_config(tiny_config):
+    return lambda *overrides: tiny_config(*LOOP, *overrides)
+
+
+@pytest.fixture(scope="module")
+def data(small_config):
+    return Datasets.load(small_config())
 
 
 def run(worker: Worker, steps: int) -> list[dict]:
@@ -52,8 +45,8 @@ def run(worker: Worker, steps: int) -> list[dict]:
     ],
     ids=["protonet", "maml", "datg", "mtl"],
 )
-def test_resumed_run_equals_unbroken_run(synthetic_store, data, overrides):
-    config = small_config(synthetic_store, *overrides)
+def test_resumed_run_equals_unbroken_run(small_config, data, overrides):
+    config = small_config(*overrides)
     unbroken = Worker(config, data=data)
     full = run(unbroken, 6)
     first = Worker(config, data=data)
@@ -71,8 +64,8 @@ def test_resumed_run_equals_unbroken_run(synthetic_store, data, overrides):
         assert torch.equal(a, b), name
 
 
-def test_schedule_and_metrics(synthetic_store, data):
-    worker = Worker(small_config(synthetic_store), data=data)
+def test_schedule_and_metrics(small_config, data):
+    worker = Worker(small_config(), data=data)
     metrics = run(worker, 5)
     assert [round(m["lr"], 6) for m in metrics] == [0.01, 0.005, 0.005, 0.0025, 0.0025]
     assert {"loss", "acc", "ce", "lr"} <= set(metrics[0])
@@ -80,10 +73,9 @@ def test_schedule_and_metrics(synthetic_store, data):
     assert metrics[0]["loss"] == pytest.approx(metrics[0]["ce"])
 
 
-def test_meta_batch_gradient_is_the_mean_of_task_gradients(synthetic_store, data):
+def test_meta_batch_gradient_is_the_mean_of_task_gradients(small_config, data):
     """The loop's step on B tasks uses the mean of the B per-task gradients."""
     config = small_config(
-        synthetic_store,
         "train.optimizer=sgd",
         "train.momentum=0",
         "train.lr=1.0",
@@ -105,8 +97,8 @@ def test_meta_batch_gradient_is_the_mean_of_task_gradients(synthetic_store, data
         torch.testing.assert_close(param.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_validation_is_deterministic_and_restores_train_mode(synthetic_store, data):
-    worker = Worker(small_config(synthetic_store), data=data)
+def test_validation_is_deterministic_and_restores_train_mode(small_config, data):
+    worker = Worker(small_config(), data=data)
     a, b = worker.validate(), worker.validate()
     assert a == b and 0.0 <= a <= 1.0
     assert worker.method.training
@@ -125,9 +117,8 @@ def test_failure_class_is_the_class_with_the_lowest_query_accuracy():
     assert failure_class(logits, episode).item() == 41
 
 
-def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(synthetic_store, data):
+def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(small_config, data):
     config = small_config(
-        synthetic_store,
         "method.name=mtl",
         "pretrain.steps=2",
         "method.inner_steps=1",
@@ -167,12 +158,12 @@ def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(syntheti
     assert hard_classes, "no hard meta-batch ran"
 
 
-def test_train_classes_restricts_the_base_classes(synthetic_store):
-    config = small_config(synthetic_store, "data.train_classes=12")
+def test_train_classes_restricts_the_base_classes(small_config):
+    config = small_config("data.train_classes=12")
     few = Datasets.load(config)
-    full = Datasets.load(small_config(synthetic_store))
+    full = Datasets.load(small_config())
     assert few.train.n_classes == 12 and len(few.train.labels) == 12 * 10
     assert set(few.train.class_names) < set(full.train.class_names)
     assert Datasets.load(config).train.class_names == few.train.class_names  # fixed by seed
     with pytest.raises(DataError, match="data.train_classes"):
-        Datasets.load(small_config(synthetic_store, "data.train_classes=999"))
+        Datasets.load(small_config("data.train_classes=999"))

@@ -1,24 +1,15 @@
 import numpy as np
+import pytest
 import torch
 
-from fewshot.config import load_config
 from fewshot.train.loop import Worker, fit
 from fewshot.train.pretrain import batch_indices
 
 
-def config(store, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.path={store}",
-            "data.image_size=16",
-            "backbone.width=8",
-            "episode.q_query=3",
-            "episode.meta_batch=2",
-            "train.log_every=10",
-            "tracking.enabled=false",
-            *overrides,
-        ],
+@pytest.fixture
+def config(tiny_config):
+    return lambda *overrides: tiny_config(
+        "train.log_every=10", "tracking.enabled=false", *overrides
     )
 
 
@@ -30,13 +21,11 @@ def test_batches_are_fixed_by_seed_and_step_without_repeats():
     assert len(batch_indices(10, 32, seed=0, step=0)) == 10
 
 
-def test_pretraining_learns_the_base_classes_and_leaves_the_backbone_frozen(synthetic_store):
+def test_pretraining_learns_the_base_classes_and_leaves_the_backbone_frozen(config):
     """36 base classes: chance is 2.8%. 120 steps of 64 images reach 78% on the last
     logged batch here (67% ten steps earlier); 40% leaves room for a batch's noise
     (+-5 points) and other CPUs' numerics, and is still 14x chance."""
-    worker = Worker(
-        config(synthetic_store, "method.name=mtl", "pretrain.steps=120", "pretrain.lr=0.003")
-    )
+    worker = Worker(config("method.name=mtl", "pretrain.steps=120", "pretrain.lr=0.003"))
     before = [p.detach().clone() for p in worker.method.backbone.parameters()]
     logged = []
     worker.pretrain(lambda step, metrics: logged.append((step, metrics)))
@@ -50,10 +39,9 @@ def test_pretraining_learns_the_base_classes_and_leaves_the_backbone_frozen(synt
     assert worker.pretrained and not worker.needs_pretraining()
 
 
-def test_fit_pretrains_once_then_checkpoints_before_meta_training(synthetic_store):
+def test_fit_pretrains_once_then_checkpoints_before_meta_training(config):
     worker = Worker(
         config(
-            synthetic_store,
             "method.name=cfn",
             "pretrain.steps=10",
             "train.steps=2",
