@@ -97,6 +97,17 @@ class TaskMixupConfig(Section):
     probability: float = Field(1.0, ge=0, le=1)  # share of tasks replaced by mixed ones
 
 
+class AugmentConfig(Section):
+    """Augmentation of the training images (augment/images.py); validation and test
+    episodes are never augmented. Jitter bounds are +- ranges, drawn per image."""
+
+    rotations: bool = False  # 90/180/270-degree rotations of each base class as new classes
+    degrees: float = Field(0.0, ge=0, le=180)  # rotation
+    scale: float = Field(0.0, ge=0, lt=1)  # isotropic scale 1 +- scale
+    shear: float = Field(0.0, ge=0, le=1)
+    translate: float = Field(0.0, ge=0, le=0.5)  # shift, fraction of the image side
+
+
 class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -173,6 +184,7 @@ class Config(Section):
     method: MethodConfig = MethodConfig()
     pretrain: PretrainConfig = PretrainConfig()
     task_mixup: TaskMixupConfig = TaskMixupConfig()
+    augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -43,3 +43,26 @@ def test_cosine_metric_and_temperature():
     expected = torch.nn.functional.cosine_similarity(zq[:, None], centres[None], dim=2) / 0.5
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert logits.abs().max() <= 2.0 + 1e-5
+
+
+def test_test_views_average_embeddings_at_test_time_only():
+    from fewshot.augment.images import fixed_views
+
+    method = make(["method.test_views=3"])
+    support_x, query_x = torch.randn(3, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    support_y = torch.arange(3)
+    x = torch.cat([support_x, query_x])
+    with torch.no_grad():
+        z = method.embed(fixed_views(x, 3)).view(3, 7, -1).mean(0)
+        assert torch.allclose(
+            method.predict(support_x, support_y, query_x),
+            method.scores(z[:3], support_y, z[3:]),
+            atol=1e-5,
+        )
+        method.train()  # training sees each image once
+        z = method.embed(x)
+        assert torch.allclose(
+            method.predict(support_x, support_y, query_x),
+            method.scores(z[:3], support_y, z[3:]),
+            atol=1e-5,
+        )

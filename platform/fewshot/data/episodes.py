@@ -14,7 +14,7 @@ tensor and normalises the few images it uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,9 @@ class EpisodeSampler:
 
     within_group: all N classes of an episode come from one group (alphabet).
     class_pool: restrict classes to these labels (DATG clusters, few-base-class runs).
+    jitter: (float pixels [B, C, H, W], torch generator) -> the same, applied to every
+        image before standardisation with a generator drawn from the episode's key
+        (augment/images.py `AffineJitter`); the classes and images drawn do not change.
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class EpisodeSampler:
         *,
         within_group: bool = False,
         class_pool: list[int] | None = None,
+        jitter: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.images = images
+        self.jitter = jitter
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         pool = list(range(images.n_classes)) if class_pool is None else sorted(class_pool)
         self.pools = self._pools(pool, within_group)
@@ -121,30 +126,42 @@ class EpisodeSampler:
         order = np.argsort(keys, axis=1)[:, : self.k_shot + self.q_query]
         return classes, np.take_along_axis(self.table[classes], order, axis=1)
 
-    def build(self, classes: np.ndarray, indices: np.ndarray) -> Episode:
+    def build(
+        self, classes: np.ndarray, indices: np.ndarray, rng: np.random.Generator | None = None
+    ) -> Episode:
         n = len(classes)
         k = self.k_shot
         support = torch.from_numpy(indices[:, :k].reshape(-1))
         query = torch.from_numpy(indices[:, k:].reshape(-1))
         labels = torch.arange(n)
+        generator = None
+        if self.jitter is not None and rng is not None:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return Episode(
-            support_x=normalise(self.images.images[support], self.images.mean, self.images.std),
+            support_x=self.pixels(support, generator),
             support_y=labels.repeat_interleave(k),
-            query_x=normalise(self.images.images[query], self.images.mean, self.images.std),
+            query_x=self.pixels(query, generator),
             query_y=labels.repeat_interleave(indices.shape[1] - k),
             classes=torch.from_numpy(np.asarray(classes, dtype=np.int64)),
         )
 
+    def pixels(self, indices: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standardised images [B, C, H, W] of `indices`, jittered when a generator is given."""
+        x = self.images.images[indices]
+        if generator is not None:
+            x = self.jitter(x.float(), generator)
+        return normalise(x, self.images.mean, self.images.std)
+
     def episode(self, stream: int, seed: int, step: int, task: int = 0) -> Episode:
         rng = np.random.default_rng([stream, seed, step, task])
-        return self.build(*self.sample_indices(rng))
+        return self.build(*self.sample_indices(rng), rng)
 
     def episode_of_classes(
         self, classes: list[int], stream: int, seed: int, step: int, task: int = 0
     ) -> Episode:
         """An episode over the given classes, fresh images (MTL's hard tasks)."""
         rng = np.random.default_rng([stream, seed, step, task])
-        return self.build(*self.sample_indices(rng, np.asarray(classes)))
+        return self.build(*self.sample_indices(rng, np.asarray(classes)), rng)
 
     def fixed_episodes(self, count: int, seed: int, stream: int = TEST) -> Iterator[Episode]:
         """The evaluation episodes, built one at a time: the same for every method and run."""

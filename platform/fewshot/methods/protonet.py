@@ -3,6 +3,9 @@
 prototype c_n = mean of the support embeddings of class n;
 logits = -||f(q) - c_n||^2 / temperature   (euclidean, the paper's choice)
       or  cos(f(q), c_n) / temperature    (cosine).
+
+At test time f may be averaged over `test_views` fixed shifts of each image
+(augment/images.py): a cheap test-time augmentation that travels with the model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from fewshot.augment.images import VIEW_SHIFTS, fixed_views
 from fewshot.data.episodes import Episode
 from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
 
@@ -20,6 +24,7 @@ from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
 class ProtoNetParams(MethodParams):
     distance: Literal["euclidean", "cosine"] = "euclidean"
     temperature: float = Field(1.0, gt=0)
+    test_views: int = Field(1, ge=1, le=len(VIEW_SHIFTS))  # 1: no test-time augmentation
 
 
 def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -55,7 +60,10 @@ class ProtoNet(FewShotMethod):
 
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
-        z = self.embed(torch.cat([support_x, query_x]))
+        x = torch.cat([support_x, query_x])
+        views = 1 if self.training else self.params.test_views
+        z = self.embed(fixed_views(x, views) if views > 1 else x)
+        z = z.view(views, len(x), -1).mean(0)
         return self.scores(z[: len(support_x)], support_y, z[len(support_x) :])
 
     def mixup_layers(self) -> int:

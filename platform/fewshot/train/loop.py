@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
@@ -106,6 +107,8 @@ class Datasets:
                 train.n_classes, d.train_classes, replace=False
             )
             train = train.take_classes(sorted(chosen.tolist()))
+        if config.augment.rotations:
+            train = rotated_classes(train)
         return cls(train, val)
 
 
@@ -159,8 +162,14 @@ class Worker:
         self.method: FewShotMethod = build_method(config, data.train.images.shape[1])
         self.method.to(self.device, memory_format=self.memory_format)
         e = config.episode
+        jitter = AffineJitter(config.augment)
         self.sampler = EpisodeSampler(
-            data.train, e.n_way, e.k_shot, e.q_query, within_group=config.data.within_group
+            data.train,
+            e.n_way,
+            e.k_shot,
+            e.q_query,
+            within_group=config.data.within_group,
+            jitter=jitter if jitter.active else None,
         )
         self.mixup = None
         if config.task_mixup.strategy != "none":

@@ -1,0 +1,96 @@
+"""Image augmentation for training and testing: more classes, jittered episodes, test views.
+
+- `rotated_classes`: every base class rotated by 90, 180 and 270 degrees becomes a new
+  class (Santoro et al. 2016, Snell et al. 2017 on Omniglot): a rotated character is
+  a different character, so the base classes quadruple.
+- `AffineJitter`: a random small rotation, scale, shear and shift per image, drawn
+  from the episode's own generator, so an episode stays a pure function of its key.
+- `fixed_views`: fixed, deterministic variations of a batch (shifts by 5% of the side)
+  whose embeddings a method may average at test time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fewshot.config import AugmentConfig
+from fewshot.data.store import ImageSet
+
+
+def rotated_classes(images: ImageSet) -> ImageSet:
+    """The classes of `images` plus their three rotations (labels C..4C-1 in rotation order).
+
+    A rotated class keeps its group with a suffix (`Greek/rot90`), so a within-group
+    episode never mixes upright and rotated characters of an alphabet."""
+    n = images.n_classes
+    rotations = range(4)
+    return ImageSet(
+        images=torch.cat([torch.rot90(images.images, r, dims=(2, 3)) for r in rotations]),
+        labels=torch.cat([images.labels + r * n for r in rotations]),
+        class_names=[f"{c}/rot{90 * r}" if r else c for r in rotations for c in images.class_names],
+        class_groups=[
+            f"{g}/rot{90 * r}" if r else g for r in rotations for g in images.class_groups
+        ],
+        mean=images.mean,
+        std=images.std,
+    )
+
+
+def affine_grids(theta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sample `like` [B, C, H, W] through the affine maps theta [B, 2, 3]; zero outside."""
+    grid = F.affine_grid(theta.to(like.dtype), list(like.shape), align_corners=False)
+    return F.grid_sample(like, grid, align_corners=False, padding_mode="zeros")
+
+
+class AffineJitter:
+    """Random affine maps around the identity, one per image: rotation +- degrees,
+    isotropic scale 1 +- scale, shear +- shear, shift +- translate (fractions of the
+    image side). It runs on raw pixels, before standardisation, so the zero padding is
+    the paper of ink-high images (Omniglot after inversion) and black otherwise."""
+
+    def __init__(self, settings: AugmentConfig) -> None:
+        self.settings = settings
+
+    @property
+    def active(self) -> bool:
+        s = self.settings
+        return any((s.degrees, s.scale, s.shear, s.translate))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x [B, C, H, W] float pixels -> jittered x, the same shape."""
+        s, b = self.settings, len(x)
+
+        def uniform(bound: float) -> torch.Tensor:
+            return (torch.rand(b, generator=generator) * 2 - 1) * bound
+
+        angle = uniform(math.radians(s.degrees))
+        scale = 1 + uniform(s.scale)
+        shear = uniform(s.shear)
+        shift = torch.stack([uniform(2 * s.translate), uniform(2 * s.translate)], 1)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # theta maps output coordinates to input ones: rotate, shear, then scale.
+        linear = torch.stack(
+            [torch.stack([cos, -sin + shear * cos], 1), torch.stack([sin, cos + shear * sin], 1)],
+            1,
+        ) / scale.view(b, 1, 1)
+        theta = torch.cat([linear, shift.unsqueeze(2)], 2)
+        return affine_grids(theta, x)
+
+
+# Shifts of the test views, as fractions of the image side: the identity first.
+VIEW_SHIFTS = [(0.0, 0.0), (0.05, 0.0), (-0.05, 0.0), (0.0, 0.05), (0.0, -0.05)]
+
+
+def fixed_views(x: torch.Tensor, count: int) -> torch.Tensor:
+    """x [B, C, H, W] -> [count * B, C, H, W]: the first `count` of VIEW_SHIFTS, view-major."""
+    if count > len(VIEW_SHIFTS):
+        raise ValueError(f"at most {len(VIEW_SHIFTS)} test views, got {count}")
+    b = len(x)
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = 2 * torch.tensor(VIEW_SHIFTS[:count])  # grid units span 2 per side
+    theta = theta.repeat_interleave(b, 0).to(x.device)
+    return affine_grids(theta, x.repeat(count, 1, 1, 1))

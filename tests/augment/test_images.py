@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from fewshot.augment.images import AffineJitter, fixed_views, rotated_classes
+from fewshot.config import AugmentConfig
+from fewshot.data.episodes import TRAIN, EpisodeSampler
+from fewshot.data.store import ImageSet
+
+
+def image_set(classes=3, per_class=4, size=12) -> ImageSet:
+    images = torch.randint(0, 256, (classes * per_class, 1, size, size), dtype=torch.uint8)
+    return ImageSet(
+        images=images,
+        labels=torch.arange(classes).repeat_interleave(per_class),
+        class_names=[f"A/c{i}" for i in range(classes)],
+        class_groups=["A"] * classes,
+        mean=[0.5],
+        std=[0.25],
+    )
+
+
+def test_rotations_are_three_new_classes_per_class_in_rotated_groups():
+    images = image_set()
+    rotated = rotated_classes(images)
+    assert rotated.n_classes == 12 and len(rotated.images) == 4 * len(images.images)
+    # Class c rotated by r*90 degrees is class c + r*C, its images the rotated originals.
+    for r in range(4):
+        for c in range(3):
+            got = rotated.images[rotated.by_class[c + 3 * r]]
+            want = torch.rot90(images.images[images.by_class[c]], r, dims=(2, 3))
+            assert torch.equal(got, want)
+    assert rotated.class_names[4] == "A/c1/rot90"
+    assert rotated.groups() == {
+        "A": [0, 1, 2],
+        "A/rot90": [3, 4, 5],
+        "A/rot180": [6, 7, 8],
+        "A/rot270": [9, 10, 11],
+    }
+
+
+def spot(size=20, row=10, col=10) -> torch.Tensor:
+    x = torch.zeros(1, 1, size, size)
+    x[0, 0, row, col] = 255.0
+    return x
+
+
+def test_jitter_with_zero_bounds_is_the_identity_and_shifts_move_by_the_fraction():
+    x = torch.rand(5, 1, 16, 16) * 255
+    assert not AffineJitter(AugmentConfig()).active
+    same = AffineJitter(AugmentConfig())(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x, atol=1e-3)
+    # The first test views: identity, then +-0.05 of the side: 1 px of 20 in x, then y.
+    views = fixed_views(spot(), 5)
+    peaks = [divmod(int(v.flatten().argmax()), 20) for v in views]
+    assert peaks == [(10, 10), (10, 9), (10, 11), (9, 10), (11, 10)]
+    assert views[1].sum() == pytest.approx(255.0, rel=1e-4)  # a whole-pixel shift keeps ink
+
+
+def test_jitter_is_a_function_of_the_generator_and_stays_within_its_bounds():
+    jitter = AffineJitter(AugmentConfig(translate=0.1))
+    x = spot().repeat(64, 1, 1, 1)
+    a = jitter(x, torch.Generator().manual_seed(1))
+    b = jitter(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, jitter(x, torch.Generator().manual_seed(2)))
+    # Shifts only: the ink's centre moves by at most 0.1 of the side (2 px of 20), and moves.
+    rows = torch.arange(20.0).view(1, 20, 1)
+    centre_rows = (a[:, 0] * rows).sum((1, 2)) / a[:, 0].sum((1, 2))
+    assert (centre_rows - 10).abs().max() <= 2.0 + 1e-4
+    assert (centre_rows - 10).abs().max() > 0.5
+
+
+def test_a_jittered_sampler_draws_the_same_classes_and_images_with_other_pixels():
+    images = image_set(classes=5)
+    plain = EpisodeSampler(images, 3, 1, 2)
+    jitter = AffineJitter(AugmentConfig(degrees=20, scale=0.1))
+    jittered = EpisodeSampler(images, 3, 1, 2, jitter=jitter)
+    a, b = plain.episode(TRAIN, 0, 3), jittered.episode(TRAIN, 0, 3)
+    assert torch.equal(a.classes, b.classes) and torch.equal(a.query_y, b.query_y)
+    assert not torch.allclose(a.query_x, b.query_x)
+    again = jittered.episode(TRAIN, 0, 3)
+    assert torch.equal(b.query_x, again.query_x)  # an episode is a function of its key
+    assert np.isfinite(b.support_x.numpy()).all()
