@@ -462,6 +462,48 @@ def bench_methods(
     console.print(out.read_text())
 
 
+@bench_app.command("speed")
+def bench_speed(
+    out: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path(
+        "benchmarks/results/speed.md"
+    ),
+    data: Annotated[
+        Path, typer.Option(help="Folder with the Omniglot small background zips.")
+    ] = Path("../shared/datasets/omniglot"),
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for the store.")] = Path(
+        "runs/bench-speed"
+    ),
+    episodes: Annotated[int, typer.Option(help="Timed training episodes per contender.")] = 300,
+    threads: Annotated[int, typer.Option(help="torch threads for every contender.")] = 2,
+) -> None:
+    """Training episodes/s of our ProtoNet and MAML against easyfsl's and learn2learn's
+    loops, the sampler, conversion, and the loop's overhead over bare compute."""
+    from fewshot.bench import speed
+
+    zips = [data / f"images_background_small{i}.zip" for i in (1, 2)]
+    speed.run(out, zips, workdir, episodes=episodes, threads=threads)
+    console.print(out.read_text())
+
+
+@bench_app.command("omniglot")
+def bench_omniglot(
+    config: Annotated[Path, typer.Option(help="Bench file: base recipe and rows.")] = Path(
+        "jobs/configs/bench_omniglot.yaml"
+    ),
+    out: Annotated[Path, typer.Option(help="Markdown table to write (plot: same name .png).")] = (
+        Path("benchmarks/results/omniglot.md")
+    ),
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this row (repeatable), by name.")
+    ] = None,
+) -> None:
+    """The Omniglot recipe: each lever on and off, and both cross-validation directions."""
+    from fewshot.bench import omniglot
+
+    omniglot.run(config, out, only)
+    console.print(out.read_text())
+
+
 @app.command()
 def tune(
     config: Annotated[

@@ -1,0 +1,360 @@
+"""`fewshot bench speed`: training throughput against the peers, on one machine, in one run.
+
+Every contender trains conv4 on the same Omniglot split with the same episode size
+(20-way 1-shot 5 queries, 28x28 by default), the same thread count and the same
+number of episodes:
+
+- our ProtoNet (its fast path: bf16 autocast + channels_last, and plain fp32) against
+  easyfsl's `PrototypicalNetworks` with its `TaskSampler` and a DataLoader, as its
+  README trains it. easyfsl 1.5.0 calls `Sampler.__init__(data_source=None)`, which
+  torch 2.14 refuses; `easyfsl_sampler_shim` gives `Sampler.__init__` a signature that
+  ignores the argument, for the benchmark only;
+- our MAML against learn2learn's MAML. learn2learn 0.2.0 does not build on Python 3.11,
+  so its clone/adapt loop is re-implemented faithfully here (`L2LStyleMAML`: a deep
+  copy whose parameters are replaced by non-leaf tensors, updated in place by
+  `autograd.grad` with `create_graph=True`);
+- our sampler alone and the conversion of the zips (images/s);
+- the loop's overhead: our training step against the bare method (the same loss,
+  backward and Adam step on one pre-made episode, no sampler or loop).
+Accuracy at equal training: ours and easyfsl's models, after the same episodes, are
+tested on the same fixed test episodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.bench import machine, write_table
+from fewshot.config import Config, load_config
+from fewshot.data.episodes import TEST, TRAIN, EpisodeSampler
+from fewshot.data.sources import omniglot
+from fewshot.data.store import ImageSet, load_split, normalise
+from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.train.loop import Runtime, Worker
+
+
+def per_second(step: Callable[[], object], count: int, warmup: int = 3) -> float:
+    """Calls of `step` per second over `count` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(count):
+        step()
+    return count / (time.perf_counter() - started)
+
+
+def bench_config(store: Path, method: str, fast: bool, n_way: int, size: int, threads: int):
+    return load_config(
+        None,
+        [
+            f"data.path={store}",
+            "data.train_split=small1",
+            "data.val_split=null",
+            "data.test_split=small2",
+            f"data.image_size={size}",
+            f"method.name={method}",
+            f"episode.n_way={n_way}",
+            "episode.k_shot=1",
+            "episode.q_query=5",
+            "episode.meta_batch=1",
+            f"train.threads={threads}",
+            f"train.precision={'bf16' if fast else 'fp32'}",
+            f"train.channels_last={str(fast).lower()}",
+            "method.inner_steps=1" if method == "maml" else "method.temperature=1.0",
+        ],
+    )
+
+
+def ours(config: Config, episodes: int) -> tuple[float, Worker]:
+    """Training episodes/s of our loop (sampler, step, all-reduce hook, optimiser)."""
+    worker = Worker(config)
+    return per_second(worker.train_step, episodes), worker
+
+
+def bare(config: Config, episodes: int) -> float:
+    """Episodes/s of the method alone: loss, backward and Adam on one pre-made episode."""
+    worker = Worker(config)
+    episode = worker.to_device(worker.sampler.episode(TRAIN, 0, 0))
+    method, optimizer = worker.method, worker.optimizer
+    method.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with worker.autocast():
+            loss = method.loss(episode)
+        loss.total.backward()
+        optimizer.step()
+
+    return per_second(step, episodes)
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Our decoded split as easyfsl reads a dataset: (image, label) items, `get_labels`."""
+
+    def __init__(self, images: ImageSet) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images.images[index : index + 1]
+        return normalise(x, self.images.mean, self.images.std)[0], int(self.images.labels[index])
+
+    def get_labels(self) -> list[int]:
+        return self.images.labels.tolist()
+
+
+def easyfsl_sampler_shim() -> None:
+    """easyfsl 1.5.0's TaskSampler calls Sampler.__init__(data_source=None); torch 2.14's
+    Sampler.__init__ takes no argument. Accept and ignore it (benchmark only)."""
+    sampler = torch.utils.data.Sampler
+    if not getattr(sampler, "_fewshot_shim", False):
+        sampler.__init__ = lambda self, *args, **kwargs: None
+        sampler._fewshot_shim = True
+
+
+def easyfsl(config: Config, episodes: int) -> tuple[float, nn.Module] | None:
+    """Training episodes/s of easyfsl's PrototypicalNetworks with its TaskSampler loop
+    (fp32, its defaults), on our conv4; None when easyfsl is not installed."""
+    try:
+        from easyfsl.methods import PrototypicalNetworks
+        from easyfsl.samplers import TaskSampler
+    except ImportError:
+        return None
+    easyfsl_sampler_shim()
+    from fewshot.models.backbones import build_backbone
+
+    torch.manual_seed(config.seed)
+    images = load_split(config.data.path, config.data.train_split, config.data.image_size)
+    dataset = EpisodeDataset(images)
+    e = config.episode
+    sampler = TaskSampler(dataset, e.n_way, e.k_shot, e.q_query, n_tasks=episodes + 3)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=sampler.episodic_collate_fn
+    )
+    backbone = build_backbone(config.backbone.name, 1, config.backbone.width)
+    model = PrototypicalNetworks(backbone)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    model.train()
+    batches = iter(loader)
+
+    def step() -> None:
+        support_x, support_y, query_x, query_y, _ = next(batches)
+        optimizer.zero_grad()
+        model.process_support_set(support_x, support_y)
+        loss = F.cross_entropy(model(query_x), query_y)
+        loss.backward()
+        optimizer.step()
+
+    return per_second(step, episodes), model
+
+
+class EasyFSLPredictor(nn.Module):
+    """An easyfsl model behind our `predict` interface, to test it on our episodes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def predict(self, support_x, support_y, query_x) -> torch.Tensor:
+        self.model.process_support_set(support_x, support_y)
+        return self.model(query_x)
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """learn2learn's `clone_module`: a copy whose parameters are the originals cloned
+    (non-leaf tensors, so gradients flow back to the originals)."""
+    clone = copy.deepcopy(module)
+    originals = dict(module.named_parameters())
+    for name, sub in clone.named_modules():
+        for key in list(sub._parameters):
+            full = f"{name}.{key}" if name else key
+            sub._parameters[key] = originals[full].clone()
+    return clone
+
+
+def update_module(module: nn.Module, updates: dict[str, torch.Tensor]) -> None:
+    """learn2learn's `update_module`: p <- p + update, replacing the tensors in place."""
+    for name, sub in module.named_modules():
+        for key in list(sub._parameters):
+            full = f"{name}.{key}" if name else key
+            sub._parameters[key] = sub._parameters[key] + updates[full]
+
+
+class L2LStyleMAML:
+    """learn2learn's MAML loop: `learner = maml.clone(); learner.adapt(loss)`; the query
+    loss of the adapted clone is back-propagated into the original."""
+
+    def __init__(self, model: nn.Module, lr: float, first_order: bool = False) -> None:
+        self.model, self.lr, self.first_order = model, lr, first_order
+
+    def adapt(self, learner: nn.Module, loss: torch.Tensor) -> None:
+        names, params = zip(*learner.named_parameters(), strict=True)
+        grads = torch.autograd.grad(loss, params, create_graph=not self.first_order)
+        update_module(learner, {n: -self.lr * g for n, g in zip(names, grads, strict=True)})
+
+
+def l2l_maml(config: Config, episodes: int) -> float:
+    """Episodes/s of the learn2learn-style loop on our MAML's network (conv4 + linear
+    head, batch statistics) and our sampler; fp32, as learn2learn trains (pass an fp32
+    config)."""
+    worker = Worker(config)
+    network = worker.method  # conv4 + linear head; forward(x) -> logits
+    maml = L2LStyleMAML(network, lr=worker.method.params.inner_lr)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.train.lr)
+    steps = iter(range(10**9))
+
+    def step() -> None:
+        episode = worker.sampler.episode(TRAIN, config.seed, next(steps))
+        optimizer.zero_grad()
+        learner = clone_module(network)
+        for _ in range(worker.method.params.inner_steps):
+            maml.adapt(learner, F.cross_entropy(learner(episode.support_x), episode.support_y))
+        F.cross_entropy(learner(episode.query_x), episode.query_y).backward()
+        optimizer.step()
+
+    return per_second(step, episodes)
+
+
+def sampler_speed(config: Config, episodes: int) -> float:
+    images = load_split(config.data.path, config.data.train_split, config.data.image_size)
+    e = config.episode
+    sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
+    steps = iter(range(10**9))
+    return per_second(lambda: sampler.episode(TRAIN, 0, next(steps)), episodes)
+
+
+def conversion_speed(zips: list[Path]) -> float:
+    """Images/s of `fewshot data prepare omniglot` from the zips to a fresh store."""
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        info = omniglot.prepare(zips, Path(scratch) / "omniglot")
+        seconds = time.perf_counter() - started
+    return sum(s["images"] for s in info["splits"].values()) / seconds
+
+
+def accuracy_on_test(model, config: Config, episodes: int) -> Accuracy:
+    images = load_split(config.data.path, config.data.test_split, config.data.image_size)
+    e = config.episode
+    sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
+    runtime = Runtime.of(config)
+    return mean_ci(episode_accuracies(model, sampler.fixed_episodes(episodes, 0, TEST), runtime))
+
+
+def run(
+    out: Path,
+    zips: list[Path],
+    workdir: Path,
+    episodes: int = 300,
+    test_episodes: int = 300,
+    threads: int = 2,
+    n_way: int = 20,
+    size: int = 28,
+) -> list[dict]:
+    """Measure every row and write `out` (markdown) and its JSON beside it."""
+    store = workdir / "omniglot"
+    convert = conversion_speed(zips)
+    omniglot.prepare(zips, store)
+    configs = {
+        (method, fast): bench_config(store, method, fast, n_way, size, threads)
+        for method in ("protonet", "maml")
+        for fast in (True, False)
+    }
+    fast_proto = configs["protonet", True]
+    rows: list[dict] = []
+
+    def add(name: str, value: float | None, unit: str, note: str = "") -> None:
+        rows.append({"name": name, "value": value, "unit": unit, "note": note})
+
+    add("sampler alone", sampler_speed(fast_proto, 20 * episodes), "episodes/s", "target >= 1000")
+    add("conversion (omniglot zips -> store)", convert, "images/s")
+    speeds, models = {}, {}
+    for fast in (True, False):
+        speeds[fast], worker = ours(configs["protonet", fast], episodes)
+        models[fast] = worker.method
+        precision = "bf16 + channels_last" if fast else "fp32"
+        add(f"ours: ProtoNet, {precision}", speeds[fast], "episodes/s")
+        bare_speed = bare(configs["protonet", fast], episodes)
+        overhead = 100 * (bare_speed / speeds[fast] - 1)
+        add(
+            f"bare ProtoNet step, {precision}",
+            bare_speed,
+            "episodes/s",
+            f"our loop's overhead {overhead:+.1f}% (target within 10%)",
+        )
+    peer = easyfsl(configs["protonet", False], episodes)
+    if peer is None:
+        add("easyfsl PrototypicalNetworks", None, "episodes/s", "easyfsl not installed")
+    else:
+        add(
+            "easyfsl PrototypicalNetworks + TaskSampler, fp32",
+            peer[0],
+            "episodes/s",
+            f"ours is {speeds[True] / peer[0]:.2f}x (fast), {speeds[False] / peer[0]:.2f}x (fp32)",
+        )
+    maml_fast = ours(configs["maml", True], episodes // 3)[0]
+    maml_fp32 = ours(configs["maml", False], episodes // 3)[0]
+    l2l = l2l_maml(configs["maml", False], episodes // 3)
+    add(
+        "ours: MAML (2nd order, 1 inner step), bf16 + channels_last",
+        maml_fast,
+        "episodes/s",
+        f"{maml_fast / l2l:.2f}x the learn2learn-style loop",
+    )
+    add("ours: MAML, fp32", maml_fp32, "episodes/s", f"{maml_fp32 / l2l:.2f}x")
+    add(
+        "learn2learn-style MAML (clone/adapt), fp32",
+        l2l,
+        "episodes/s",
+        "learn2learn 0.2.0 does not build on Python 3.11: faithful re-implementation",
+    )
+    accuracy = {
+        "ours, bf16 + channels_last": accuracy_on_test(models[True], fast_proto, test_episodes),
+        "ours, fp32": accuracy_on_test(models[False], configs["protonet", False], test_episodes),
+    }
+    if peer is not None:
+        accuracy["easyfsl"] = accuracy_on_test(
+            EasyFSLPredictor(peer[1]), configs["protonet", False], test_episodes
+        )
+    write(out, rows, accuracy, episodes, n_way, size, threads)
+    return rows
+
+
+def write(out: Path, rows, accuracy, episodes, n_way, size, threads) -> None:
+    table = [
+        [r["name"], "-" if r["value"] is None else f"{r['value']:.1f}", r["unit"], r["note"]]
+        for r in rows
+    ]
+    write_table(
+        out,
+        "Training speed against the peers",
+        f"conv4, {n_way}-way 1-shot 5 queries, {size}x{size} Omniglot (small1), "
+        f"{threads} threads, {episodes} timed training episodes per contender (MAML: a "
+        f"third), after 3 warm-up ones; the same machine in one run. Machine: {machine()}.",
+        ["contender", "speed", "unit", "note"],
+        table,
+    )
+    lines = [
+        "",
+        f"## Accuracy after the same {episodes} training episodes",
+        "",
+        f"Tested on the same fixed {n_way}-way 1-shot episodes of small2 (other alphabets).",
+        "",
+        "| model | accuracy % ± 95% CI |",
+        "|---|---|",
+        *[f"| {name} | {100 * a.mean:.2f} ± {100 * a.ci95:.2f} |" for name, a in accuracy.items()],
+    ]
+    with out.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    rows_json = {"rows": rows, "accuracy": {k: [a.mean, a.ci95] for k, a in accuracy.items()}}
+    out.with_suffix(".json").write_text(json.dumps(rows_json, indent=1) + "\n")
