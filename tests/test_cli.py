@@ -14,6 +14,11 @@ COMMANDS = [
     ["data", "prepare", "omniglot"],
     ["data", "prepare", "folder"],
     ["data", "prepare", "synthetic"],
+    ["data", "prepare", "mini-imagenet"],
+    ["data", "prepare", "tiered-imagenet"],
+    ["data", "prepare", "cub"],
+    ["data", "prepare", "cifar-fs"],
+    ["data", "prepare", "fc100"],
     ["data", "info"],
     ["train"],
     ["evaluate"],
@@ -40,6 +45,13 @@ def test_every_command_has_help(command):
     assert "Usage:" in result.stdout
 
 
+def test_prepare_lists_every_converter():
+    listed = fewshot("data", "prepare", "--help").stdout
+    for name in ("omniglot", "folder", "synthetic", "mini-imagenet", "tiered-imagenet", "cub"):
+        assert name in listed
+    assert "cifar-fs" in listed and "fc100" in listed
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -51,6 +63,11 @@ def test_every_command_has_help(command):
             ["data", "prepare", "omniglot", "--out", "o", "--from-zip", "x.zip"],
             "error: x.zip does not exist",
         ),
+        (
+            ["data", "prepare", "mini-imagenet", "--out", "m", "--from-pickles", "nowhere"],
+            "error: nowhere/mini-imagenet-cache-train.pkl does not exist",
+        ),
+        (["data", "prepare", "fc100", "--out", "f"], "error: give --root DIR holding"),
         (["evaluate", "--run", "runs/none"], "error: runs/none: no such model file"),
         (["tune", "--config", "missing.yaml"], "error: tune file missing.yaml does not exist"),
         (["tune", "--resume", "gone"], "error: --resume gone: no search in runs/gone"),

@@ -113,6 +113,129 @@ def prepare_folder(
     _print_prepared(manifest, out)
 
 
+OutOpt = Annotated[Path, typer.Option(help="Dataset directory to write.")]
+PartialOpt = Annotated[
+    bool, typer.Option(help="Accept a copy smaller than the release (recorded in the manifest).")
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a store from another source.")]
+
+
+@prepare_app.command("mini-imagenet")
+def prepare_mini_imagenet(
+    out: OutOpt,
+    from_pickles: Annotated[
+        Path | None, typer.Option(help="Folder of mini-imagenet-cache-{train,val,test}.pkl.")
+    ] = None,
+    from_csv: Annotated[
+        Path | None, typer.Option(help="Folder of Ravi's train.csv, val.csv, test.csv.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of all images, for --from-csv (default CSV/images).")
+    ] = None,
+    partial: PartialOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """miniImageNet (Ravi & Larochelle split, 64/16/20 classes of 600) from the pickle
+    caches or the csv split files."""
+    from fewshot.data.sources import mini_imagenet
+
+    manifest = mini_imagenet.prepare(
+        out,
+        pickles=from_pickles,
+        csv_dir=from_csv,
+        images=images,
+        partial=partial,
+        overwrite=overwrite,
+    )
+    _print_prepared(manifest, out)
+
+
+@prepare_app.command("tiered-imagenet")
+def prepare_tiered_imagenet(
+    out: OutOpt,
+    from_pickles: Annotated[
+        Path | None,
+        typer.Option(help="Folder of {split}_images_png.pkl and {split}_labels.pkl."),
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option(help="ROOT/{train,val,test}/[category/]class/image tree.")
+    ] = None,
+    partial: PartialOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """tieredImageNet (351/97/160 classes); groups are its 34 super-categories."""
+    from fewshot.data.sources import tiered_imagenet
+
+    manifest = tiered_imagenet.prepare(
+        out, pickles=from_pickles, root=root, partial=partial, overwrite=overwrite
+    )
+    _print_prepared(manifest, out)
+
+
+@prepare_app.command("cub")
+def prepare_cub(
+    root: Annotated[Path, typer.Option(help="The official CUB_200_2011 folder.")],
+    out: OutOpt,
+    crop_boxes: Annotated[bool, typer.Option(help="Crop to bounding_boxes.txt.")] = False,
+    partial: PartialOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """CUB-200-2011 (100/50/50 classes by sorted class index: even, 1 mod 4, 3 mod 4)."""
+    from fewshot.data.sources import cub
+
+    manifest = cub.prepare(root, out, crop_boxes=crop_boxes, partial=partial, overwrite=overwrite)
+    _print_prepared(manifest, out)
+
+
+def _prepare_cifar(
+    variant: str, root: Path | None, out: Path, download: bool, partial: bool, overwrite: bool
+) -> None:
+    from fewshot.data.sources import cifar
+    from fewshot.errors import DataError
+
+    if root is None:
+        if not download:
+            raise DataError("give --root DIR holding cifar-100-python/, or --download")
+        root = out.parent / "cifar-100"
+    if download:
+        cifar.download(root)
+    manifest = cifar.prepare(variant, root, out, partial=partial, overwrite=overwrite)
+    _print_prepared(manifest, out)
+
+
+CifarRootOpt = Annotated[
+    Path | None, typer.Option(help="Folder holding cifar-100-python/{train,test,meta}.")
+]
+DownloadOpt = Annotated[
+    bool, typer.Option(help="Download CIFAR-100 into --root (or beside --out) first (internet).")
+]
+
+
+@prepare_app.command("cifar-fs")
+def prepare_cifar_fs(
+    out: OutOpt,
+    root: CifarRootOpt = None,
+    download: DownloadOpt = False,
+    partial: PartialOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """CIFAR-FS (Bertinetto et al.): 64/16/20 CIFAR-100 classes of 600; groups are
+    superclasses."""
+    _prepare_cifar("cifar-fs", root, out, download, partial, overwrite)
+
+
+@prepare_app.command("fc100")
+def prepare_fc100(
+    out: OutOpt,
+    root: CifarRootOpt = None,
+    download: DownloadOpt = False,
+    partial: PartialOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """FC100 (Oreshkin et al.): CIFAR-100 split by superclass, 12/4/4 (60/20/20 classes)."""
+    _prepare_cifar("fc100", root, out, download, partial, overwrite)
+
+
 @prepare_app.command("synthetic")
 def prepare_synthetic(
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")] = Path("data/synthetic"),

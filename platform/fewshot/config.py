@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError
 
@@ -37,13 +38,23 @@ class DataConfig(Section):
     test_split: str = "test"
     image_size: int = Field(28, ge=8, le=512)
     within_group: bool = False  # all classes of an episode from one group (alphabet)
-    # Train on only this many base classes (drawn with `seed`): DATG's few-base-class
-    # setting. None: all classes of train_split.
-    train_classes: int | None = Field(None, ge=2)
+    # Train on only this many base classes (drawn with `seed`), or on the classes named
+    # in a list: DATG's few-base-class setting (miniImageNet-S: 12). The chosen names are
+    # logged with the run (train_classes.json). None: all classes of train_split.
+    train_classes: int | list[str] | None = None
     # Hold out this many groups (alphabets, scripts) of train_split, drawn with `seed`,
     # as the validation classes: for stores without a validation split (Omniglot's
     # small1/small2). Needs val_split: null. train_classes then draws from the rest.
     val_groups: int | None = Field(None, ge=1)
+
+    @field_validator("train_classes")
+    @classmethod
+    def _at_least_two(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 2:
+            raise PydanticCustomError("too_few", "must be >= 2")
+        if isinstance(value, list) and (len(value) < 2 or len(set(value)) < len(value)):
+            raise PydanticCustomError("too_few", "name at least 2 classes, each once")
+        return value
 
     @field_validator("train_split", mode="before")
     @classmethod

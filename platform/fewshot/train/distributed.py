@@ -26,7 +26,7 @@ from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
 from fewshot.train.loop import Worker, eval_rounds, fit
-from fewshot.train.runner import RoundLogger, model_file
+from fewshot.train.runner import RoundLogger, log_train_classes, model_file
 
 STATE = "state.pt"
 
@@ -60,6 +60,7 @@ def worker_loop(loop_config: dict) -> None:
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
     else:  # what the built method and optimiser really hold (checked by the tune tests)
         tracker.text(json.dumps(worker.effective(), indent=2), "effective.json")
+        log_train_classes(tracker, worker)
     logger = RoundLogger(tracker)
 
     def on_round(w: Worker, metrics: dict[str, float]) -> None:

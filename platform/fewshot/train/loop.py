@@ -98,18 +98,36 @@ class Datasets:
         if d.val_groups:
             train, val = hold_out_groups(train, d.val_groups, config.seed, d.train_split)
         if d.train_classes:
-            if d.train_classes > train.n_classes:
-                raise DataError(
-                    f"data.train_classes: {d.train_classes} but {d.train_split} has "
-                    f"{train.n_classes} classes; lower it or unset it"
-                )
-            chosen = np.random.default_rng(config.seed).choice(
-                train.n_classes, d.train_classes, replace=False
+            train = train.take_classes(
+                choose_train_classes(train, d.train_classes, config.seed, d.train_split)
             )
-            train = train.take_classes(sorted(chosen.tolist()))
         if config.augment.rotations:
             train = rotated_classes(train)
         return cls(train, val)
+
+
+def choose_train_classes(
+    images: ImageSet, wanted: int | list[str], seed: int, split: list[str]
+) -> list[int]:
+    """The labels of the base classes to train on: `wanted` of them drawn with `seed`, or
+    the classes named in `wanted` (data.train_classes)."""
+    if isinstance(wanted, list):
+        index = {name: label for label, name in enumerate(images.class_names)}
+        unknown = [name for name in wanted if name not in index]
+        if unknown:
+            raise DataError(
+                f"data.train_classes: {unknown[0]!r} is not a training class of {split} (it has "
+                f"{images.n_classes}, e.g. {images.class_names[:3]}); check the name with "
+                "`fewshot data info` or the run's train_classes.json"
+            )
+        return sorted(index[name] for name in wanted)
+    if wanted > images.n_classes:
+        raise DataError(
+            f"data.train_classes: {wanted} but {split} has {images.n_classes} classes; lower it "
+            "or unset it"
+        )
+    chosen = np.random.default_rng(seed).choice(images.n_classes, wanted, replace=False)
+    return sorted(chosen.tolist())
 
 
 def hold_out_groups(

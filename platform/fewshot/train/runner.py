@@ -16,6 +16,7 @@ the step after the last checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -173,10 +174,18 @@ class RoundLogger:
         self.tracker.metrics(metrics, worker.step)
 
 
+def log_train_classes(tracker: Tracker, worker: Worker) -> None:
+    """With data.train_classes (few base classes, e.g. miniImageNet-S), log which classes
+    the run trains on: train_classes.json, a list of class names."""
+    if worker.config.data.train_classes:
+        tracker.text(json.dumps(worker.train_images.class_names, indent=2), "train_classes.json")
+
+
 def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) -> tuple[dict, dict]:
     """Train in this process, checkpointing to run_dir; returns (model file, last round's
     metrics)."""
     worker = Worker(config)
+    log_train_classes(tracker, worker)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.is_file():
         worker.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))

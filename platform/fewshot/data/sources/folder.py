@@ -8,32 +8,14 @@ they are; other formats are re-encoded to PNG.
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 
 from PIL import Image
 
-from fewshot.data.store import Example, SourceInfo, check_image, sha256_files, write_store
+from fewshot.data.sources.common import SPLIT_NAMES, encoded_file, image_files
+from fewshot.data.store import Example, SourceInfo, sha256_files, write_store
 from fewshot.errors import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-SPLIT_NAMES = ("train", "val", "test")
-
-
-def _image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _encoded(path: Path) -> bytes:
-    data = path.read_bytes()
-    check_image(data, str(path))
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        return data
-    with Image.open(io.BytesIO(data)) as image:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 def _classes(root: Path, split_by_group: bool) -> list[tuple[str, str, Path]]:
@@ -93,7 +75,7 @@ def prepare(
     if not 1 <= len(ratios) <= 3 or any(r <= 0 for r in ratios):
         raise DataError(f"--ratios {ratios}: give 1 to 3 positive numbers (train,val,test)")
     classes = _classes(root, split_by_group)
-    files = {name: _image_files(directory) for name, _, directory in classes}
+    files = {name: image_files(directory) for name, _, directory in classes}
     for name, _, directory in classes:
         if not files[name]:
             raise DataError(f"class folder {directory} holds no images; remove it or add images")
@@ -106,7 +88,7 @@ def prepare(
     splits: dict[str, list[Example]] = {name: [] for name in SPLIT_NAMES[: len(ratios)]}
     for name, group, _ in classes:
         split = split_of[group if split_by_group else name]
-        splits[split].extend(Example(name, group, _encoded(p)) for p in files[name])
+        splits[split].extend(Example(name, group, encoded_file(p)) for p in files[name])
     all_files = [p for name, _, _ in classes for p in files[name]]
     with Image.open(all_files[0]) as first:
         shape = (first.height, first.width)
