@@ -33,6 +33,7 @@ def test_yaml_then_overrides(tmp_path: Path):
         ("train.lr=fast", "train.lr: input should be a valid number"),
         ("episode", "--set 'episode': expected key=value"),
         ("distributed.workers=8", "episode.meta_batch: 4 tasks cannot be shared"),
+        ("train.schedule=multistep", "train.milestones: the multistep schedule needs"),
     ],
 )
 def test_bad_values_name_their_path(override, message):

@@ -103,8 +103,11 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "step", "cosine"] = "step"
+    schedule: Literal["constant", "step", "multistep", "cosine"] = "step"
     step_every: int = Field(500, ge=1)  # "step" schedule: multiply lr by gamma this often
+    # "multistep" schedule: multiply lr by gamma at each of these steps (a paper's
+    # "x0.1 after epoch 60, then every 10" in steps).
+    milestones: list[int] = []
     gamma: float = Field(0.5, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(250, ge=1)  # validation round and checkpoint
@@ -235,6 +238,11 @@ def validate(raw: dict[str, Any]) -> Config:
             f"episode.meta_batch: {config.episode.meta_batch} tasks cannot be shared by "
             f"distributed.workers = {config.distributed.workers}; raise meta_batch to at least "
             "the number of workers"
+        )
+    if config.train.schedule == "multistep" and not config.train.milestones:
+        raise ConfigError(
+            "train.milestones: the multistep schedule needs the steps at which to decay the "
+            "learning rate, e.g. --set 'train.milestones=[9000, 10500]'"
         )
     if config.data.val_groups and config.data.val_split:
         raise ConfigError(

@@ -79,6 +79,8 @@ def build_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.LRSch
     t = config.train
     if t.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_every, gamma=t.gamma)
+    if t.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, t.milestones, gamma=t.gamma)
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
