@@ -25,6 +25,7 @@ COMMANDS = [
     ["jobs", "stop"],
     ["bench"],
     ["bench", "distributed"],
+    ["bench", "gpu"],
     ["tune"],
 ]
 
