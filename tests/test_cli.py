@@ -30,6 +30,7 @@ COMMANDS = [
     ["jobs", "stop"],
     ["bench"],
     ["bench", "distributed"],
+    ["bench", "gpu"],
     ["tune"],
 ]
 

@@ -33,10 +33,17 @@ def test_yaml_then_overrides(tmp_path: Path):
         ("train.lr=fast", "train.lr: input should be a valid number"),
         ("episode", "--set 'episode': expected key=value"),
         ("distributed.workers=8", "episode.meta_batch: 4 tasks cannot be shared"),
+        ("train.schedule=multistep", "train.milestones: the multistep schedule needs"),
+        ("distributed.use_gpu=true", "train.device: cpu with distributed.use_gpu"),
+        ("distributed.workers=2", "train.device: cuda but Ray workers get no GPU"),
     ],
 )
 def test_bad_values_name_their_path(override, message):
     overrides = [override] + (["method.name=maml"] if "inner" in override else [])
+    overrides += {
+        "distributed.use_gpu=true": ["train.device=cpu"],
+        "distributed.workers=2": ["train.device=cuda"],
+    }.get(override, [])
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert str(err.value).startswith(message)

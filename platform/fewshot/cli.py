@@ -627,6 +627,20 @@ def bench_omniglot(
     console.print(out.read_text())
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    steps: Annotated[int, typer.Option(help="Timed steps per row.")] = 200,
+    out: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path(
+        "benchmarks/results/gpu.md"
+    ),
+) -> None:
+    """Episodes/s on this machine's GPU: our loop, bare compute and easyfsl's loop."""
+    from fewshot.bench import gpu
+
+    gpu.run(out, steps)
+    console.print(out.read_text())
+
+
 @app.command()
 def tune(
     config: Annotated[

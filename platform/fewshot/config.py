@@ -125,15 +125,19 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "step", "cosine"] = "step"
+    schedule: Literal["constant", "step", "multistep", "cosine"] = "step"
     step_every: int = Field(500, ge=1)  # "step" schedule: multiply lr by gamma this often
+    # "multistep" schedule: multiply lr by gamma at each of these steps (a paper's
+    # "x0.1 after epoch 60, then every 10" in steps).
+    milestones: list[int] = []
     gamma: float = Field(0.5, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(250, ge=1)  # validation round and checkpoint
     val_episodes: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast: fast on CPUs with AMX and on recent GPUs. "auto": bf16 on GPU.
+    # bf16 autocast: fast on CPUs with AMX and on GPUs from Ampere on. "auto": bf16 on a
+    # GPU with native bf16, fp32 elsewhere (CPUs included).
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     channels_last: bool = False
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's choice
@@ -245,6 +249,24 @@ def _raise(exc: ValidationError, prefix: str = "") -> None:
     raise ConfigError(f"{prefix}{path}: {_describe(first)}{shown}") from None
 
 
+def _check_gpu(config: Config) -> None:
+    """`distributed.use_gpu` gives each Ray worker a GPU; `train.device` must agree."""
+    d, device = config.distributed, config.train.device
+    if d.use_gpu and d.gpus_per_worker == 0:
+        raise ConfigError(
+            "distributed.gpus_per_worker: 0 with use_gpu: true; give workers a GPU share "
+            "(e.g. 1, or 0.5 to put two workers on one GPU) or set use_gpu: false"
+        )
+    if d.use_gpu and device == "cpu":
+        raise ConfigError(
+            "train.device: cpu with distributed.use_gpu: true; use train.device=auto or cuda"
+        )
+    if d.workers and not d.use_gpu and device == "cuda":
+        raise ConfigError(
+            "train.device: cuda but Ray workers get no GPU; set distributed.use_gpu: true"
+        )
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """A validated Config from a plain dict, with the method's own settings checked."""
     try:
@@ -258,6 +280,12 @@ def validate(raw: dict[str, Any]) -> Config:
             f"episode.meta_batch: {config.episode.meta_batch} tasks cannot be shared by "
             f"distributed.workers = {config.distributed.workers}; raise meta_batch to at least "
             "the number of workers"
+        )
+    _check_gpu(config)
+    if config.train.schedule == "multistep" and not config.train.milestones:
+        raise ConfigError(
+            "train.milestones: the multistep schedule needs the steps at which to decay the "
+            "learning rate, e.g. --set 'train.milestones=[9000, 10500]'"
         )
     if config.data.val_groups and config.data.val_split:
         raise ConfigError(

@@ -73,6 +73,12 @@ def test_schedule_and_metrics(small_config, data):
     assert metrics[0]["loss"] == pytest.approx(metrics[0]["ce"])
 
 
+def test_multistep_schedule_decays_at_its_milestones(small_config, data):
+    config = small_config("train.schedule=multistep", "train.milestones=[1, 3]")
+    metrics = run(Worker(config, data=data), 4)
+    assert [round(m["lr"], 6) for m in metrics] == [0.005, 0.005, 0.0025, 0.0025]
+
+
 def test_meta_batch_gradient_is_the_mean_of_task_gradients(small_config, data):
     """The loop's step on B tasks uses the mean of the B per-task gradients."""
     config = small_config(

@@ -48,7 +48,7 @@ class Episode:
 
     def to(self, device: torch.device, memory_format=torch.contiguous_format) -> Episode:
         def move(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device, non_blocking=True)
+            x = to_device(x, device)
             return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
         return Episode(
@@ -57,6 +57,14 @@ class Episode:
                 for t in (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
             )
         )
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device`. To a GPU the copy starts from pinned memory and
+    does not block, so the host samples the next task while the GPU still computes."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def tasks_for_rank(meta_batch: int, rank: int, world_size: int) -> range:

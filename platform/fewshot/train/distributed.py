@@ -2,7 +2,8 @@
 
 Each worker samples its own share of every meta-batch (`tasks_for_rank`); the loop's
 one all-reduce per step sums gradients and metrics over the workers through
-torch.distributed (gloo on CPU, NCCL on GPU, set up by Ray's `TorchTrainer`).
+torch.distributed (gloo on CPU, NCCL on GPU: `backend`, set up by Ray's `TorchTrainer`,
+which also makes each GPU worker's own GPU its current device).
 Rank 0 logs into the driver's MLflow run and reports a checkpoint (full worker
 state plus the model file) every evaluation round; the other ranks report metrics
 only. A worker group that loses a worker is restarted from the last checkpoint
@@ -133,6 +134,13 @@ def for_workers(config: Config) -> dict:
     return tree
 
 
+def backend(config: Config) -> str:
+    """torch.distributed's backend: NCCL for GPU workers, whose gradients it all-reduces
+    in GPU memory; gloo on CPU. Named here, not left to Ray's default, so the choice is
+    visible and tested."""
+    return "nccl" if config.distributed.use_gpu else "gloo"
+
+
 def storage_path(config: Config) -> str:
     return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
 
@@ -143,7 +151,7 @@ def fit_on_ray(
     """Run the worker loop on Ray Train; returns (model file, last round's metrics).
     `callbacks` go into the Train run's RunConfig (Tune's TuneReportCallback, for one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     d = config.distributed
     connect(d.address)
@@ -157,6 +165,7 @@ def fit_on_ray(
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": for_workers(config), "run_id": run_id},
+        torch_config=TorchConfig(backend=backend(config)),
         scaling_config=ScalingConfig(
             num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources
         ),

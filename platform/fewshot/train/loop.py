@@ -28,7 +28,7 @@ from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
 from fewshot.data.store import ImageSet, load_split
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
 from fewshot.train.comm import Comm, all_reduce_gradients
@@ -39,12 +39,34 @@ HOLD_OUT = 6  # random stream of the validation groups held out of the train spl
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of `train.device`. A GPU is named by its index: the current device,
+    which Ray Train sets to the worker's own GPU (so workers sharing a node don't all
+    land on GPU 0)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda but no GPU is visible to torch; use train.device=auto or cpu"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def bf16_on_gpu() -> bool:
+    """Native bf16 (Ampere and later). Older GPUs only emulate it, slower than fp32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast, or None for fp32. "auto": bf16 on a GPU that has it natively, else
+    fp32. Decision: no fp16 fallback; it needs a GradScaler around MAML's second-order
+    inner loop, and the GPUs without bf16 are the old ones."""
+    if device.type == "cuda" and precision != "fp32" and not bf16_on_gpu():
+        if precision == "bf16":
+            raise ConfigError(
+                f"train.precision: bf16 but {torch.cuda.get_device_name(device)} has no native "
+                "bf16; use train.precision=auto (fp32 there) or fp32"
+            )
+        return None
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -80,6 +102,8 @@ def build_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.LRSch
     t = config.train
     if t.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_every, gamma=t.gamma)
+    if t.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, t.milestones, gamma=t.gamma)
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

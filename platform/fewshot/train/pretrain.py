@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.config import PretrainConfig
+from fewshot.data.episodes import to_device
 from fewshot.data.store import ImageSet, normalise
 from fewshot.train.comm import all_reduce_gradients
 
@@ -58,8 +59,8 @@ def pretrain(
         chosen = batch_indices(len(images.labels), settings.batch_size, worker.config.seed, step)
         mine = torch.from_numpy(chosen[comm.rank :: comm.world_size])
         x = normalise(images.images[mine], images.mean, images.std)
-        x = x.to(runtime.device).contiguous(memory_format=runtime.memory_format)
-        y = images.labels[mine].to(runtime.device)
+        x = to_device(x, runtime.device).contiguous(memory_format=runtime.memory_format)
+        y = to_device(images.labels[mine], runtime.device)
         optimizer.zero_grad(set_to_none=True)
         with worker.autocast():
             logits = classifier(backbone(x).float())
