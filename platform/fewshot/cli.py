@@ -345,12 +345,11 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Accuracy with a 95% CI on fixed test episodes (the same for every method)."""
-    from fewshot.config import apply_overrides, as_dict, validate
-    from fewshot.train.runner import evaluate_method, evaluation_row, load_model
+    from fewshot.train.runner import evaluate_method, evaluation_row, load_model, with_settings
 
     config, method = load_model(run)
     if set_:
-        config = validate(apply_overrides(as_dict(config), set_))
+        config, method = with_settings(config, method, set_)
     accuracy = evaluate_method(method, config, episodes, split)
     if split:
         config.data.test_split = split

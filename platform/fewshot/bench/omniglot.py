@@ -32,10 +32,9 @@ from fewshot.data.episodes import TEST, EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
-from fewshot.methods import build_method
 from fewshot.methods.ensemble import Ensemble
 from fewshot.tracking import tracking_uri
-from fewshot.train.runner import evaluate_method, load_model, train
+from fewshot.train.runner import evaluate_method, load_model, train, with_settings
 
 HUMAN_ERROR = 4.5  # % (Lake et al. 2015), the same task on the evaluation alphabets
 ROW_KEYS = {"name", "set", "test_set", "ensemble", "curve"}
@@ -88,17 +87,6 @@ class Models:
         return self.trained[config.name]
 
 
-def with_test_settings(config: Config, method, settings: dict):
-    """The trained `method` rebuilt under `config` plus test-time settings."""
-    raw = as_dict(config)
-    for key, value in settings.items():
-        set_value(raw, key, value)
-    tested = validate(raw)
-    rebuilt = build_method(tested, method.shape.channels)
-    rebuilt.load_state_dict(method.state_dict())
-    return tested, rebuilt
-
-
 def validation_curve(run_id: str | None, uri: str | None) -> list[tuple[float, float]]:
     """(minutes since the run started, validation error %) of each validation round."""
     if run_id is None:
@@ -128,7 +116,8 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
         configured(base, bench, row.get("set") or {})
     )
     if row.get("test_set"):
-        tested, rebuilt = with_test_settings(config, method, row["test_set"])
+        overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
+        tested, rebuilt = with_settings(config, method, overrides)
         accuracy = evaluate_method(rebuilt, tested)
     curve = validation_curve(run_id, config.tracking.uri) if row.get("curve") else []
     return summary(row, config, accuracy, minutes, curve)

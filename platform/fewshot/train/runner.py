@@ -57,6 +57,17 @@ def method_from_file(state: dict) -> tuple[Config, FewShotMethod]:
     return config, method
 
 
+def with_settings(config: Config, method: FewShotMethod, overrides: list[str]):
+    """`config` with `--set` overrides, and the trained `method` rebuilt under it, so a
+    test-time setting of the method (`method.test_views`, MAML's eval steps) applies."""
+    from fewshot.config import apply_overrides
+
+    changed = validate(apply_overrides(as_dict(config), overrides))
+    rebuilt = build_method(changed, method.shape.channels)
+    rebuilt.load_state_dict(method.state_dict())
+    return changed, rebuilt
+
+
 def load_model(source: str | Path, tracking_uri: str | None = None) -> tuple[Config, FewShotMethod]:
     """A trained method from a model.pt file, a run directory, or an MLflow run id."""
     path = Path(source)

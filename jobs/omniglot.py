@@ -1,0 +1,67 @@
+"""`make omniglot`, or `ray job submit --working-dir . -- python jobs/omniglot.py`:
+the headline model. Prepares Omniglot's two small background sets, trains the recipe
+(jobs/configs/omniglot.yaml) on both, registers it and promotes it to
+models:/omniglot@champion in the working directory's tracking store (or
+$MLFLOW_TRACKING_URI).
+
+Interrupted, it picks up where it stopped: the store is kept, training continues from
+its last checkpoint, and a model already trained, registered or promoted is not redone.
+
+OMNIGLOT_DIR: the folder with images_background_small{1,2}.zip (default:
+../shared/datasets/omniglot). Extra arguments are overrides: `train.steps=2000`.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from rich.console import Console  # noqa: E402
+
+from fewshot.config import load_config  # noqa: E402
+from fewshot.data.sources import omniglot  # noqa: E402
+from fewshot.errors import FewShotError  # noqa: E402
+from fewshot.registry.gate import promote  # noqa: E402
+from fewshot.registry.versions import CHAMPION, alias_version, connect, register  # noqa: E402
+
+CONFIG = Path(__file__).parent / "configs" / "omniglot.yaml"
+
+
+def main(overrides: list[str]) -> None:
+    console = Console(stderr=True)
+    config = load_config(CONFIG, overrides)
+    name = config.registry.name or config.name
+    source = Path(os.environ.get("OMNIGLOT_DIR", "../shared/datasets/omniglot"))
+    zips = [source / f"images_background_small{i}.zip" for i in (1, 2)]
+    console.print(f"[bold]1/3[/] dataset: {', '.join(map(str, zips))} -> {config.data.path}")
+    omniglot.prepare(zips, config.data.path)
+
+    run_dir = config.train.output_dir / config.name
+    if (run_dir / "model.pt").is_file():
+        console.print(f"[bold]2/3[/] trained already: {run_dir / 'model.pt'}")
+    else:
+        console.print(f"[bold]2/3[/] train {config.name} (resumes from its last checkpoint)")
+        from fewshot.train.runner import train
+
+        train(config, progress=sys.stderr.isatty())
+
+    client = connect(config.tracking.uri)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    mine = [v.version for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if not mine:  # stopped between training and registration
+        mine = [register(run_id, name, uri=config.tracking.uri).version]
+    if alias_version(client, name, CHAMPION) in mine:
+        console.print(f"[bold]3/3[/] models:/{name}@{CHAMPION} is this run's model already")
+        return
+    version = max(mine, key=int)
+    console.print(f"[bold]3/3[/] promote {name} version {version}")
+    console.print(str(promote(name, version, uri=config.tracking.uri)))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except FewShotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
