@@ -1,12 +1,15 @@
 """Decoded up front or per episode: the same episodes, chosen by data.decode."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from fewshot.config import load_config
+from fewshot.data import store
 from fewshot.data.episodes import TRAIN, EpisodeSampler
-from fewshot.data.store import EncodedImages, ImageSet, choose_decode, load_split
+from fewshot.data.sources import synthetic
+from fewshot.data.store import EncodedImages, ImageSet, choose_decode, decode_image, load_split
 from fewshot.errors import ConfigError, DataError
 from fewshot.train.loop import Datasets, decode_mode
 
@@ -78,3 +81,20 @@ def test_shared_form_round_trips_without_copying(tiny_config, mode):
 
     assert np.shares_memory(pixels(back.train), pixels(data.train))
     assert_same(episodes(data.train), episodes(back.train))
+
+
+def test_encoded_images_are_the_stored_bytes_in_row_order(tmp_path, monkeypatch):
+    """Spans over Arrow's buffers, across several Parquet parts, hit each row's bytes."""
+    monkeypatch.setattr(store, "ROWS_PER_PART", 7)  # several parts, ragged last one
+    synthetic.prepare(tmp_path / "s", groups=(1, 1, 1), classes_per_group=3, images_per_class=5)
+    images = load_split(tmp_path / "s", "train", 20, "episode").images
+    rows = [
+        blob
+        for part in sorted((tmp_path / "s" / "split=train").glob("*.parquet"))
+        for blob in pq.read_table(part).column("image").to_pylist()
+    ]
+    assert len(images) == len(rows) == 15
+    for i, blob in enumerate(rows):
+        start, end = images.spans[i]
+        assert images.blobs[start:end].tobytes() == blob
+        np.testing.assert_array_equal(images.decode(i), decode_image(blob, 20, 1, True))

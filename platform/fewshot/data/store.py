@@ -243,11 +243,24 @@ class EncodedImages:
         self._pool: ThreadPoolExecutor | None = None  # made on first use, never pickled
 
     @classmethod
-    def of(cls, blobs: list[bytes], size: int, channels: int, invert: bool) -> EncodedImages:
-        ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-        spans = np.stack([ends - np.array([len(b) for b in blobs], dtype=np.int64), ends], 1)
-        buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-        return cls(buffer, spans, size, channels, invert)
+    def of(
+        cls, columns: list[pa.ChunkedArray], size: int, channels: int, invert: bool
+    ) -> EncodedImages:
+        """The images of Arrow binary columns, in order. Arrow already holds a column as
+        one byte buffer plus offsets, so this copies bytes once and makes no Python
+        object per image."""
+        blobs, spans, start = [], [], 0
+        for column in columns:
+            array = column.combine_chunks()
+            offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)
+            offsets = offsets[array.offset : array.offset + len(array) + 1].astype(np.int64)
+            blobs.append(
+                np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            )
+            offsets += start - offsets[0]
+            spans.append(np.stack([offsets[:-1], offsets[1:]], axis=1))
+            start = int(offsets[-1])
+        return cls(np.concatenate(blobs), np.concatenate(spans), size, channels, invert)
 
     @property
     def shape(self) -> torch.Size:
@@ -462,7 +475,7 @@ def load_split(
     if decode not in ("memory", "episode"):  # "auto" is resolved by the caller (budget)
         raise DataError(f"decode: {decode!r} is not memory or episode; resolve auto first")
     channels, invert = manifest["channels"], manifest.get("invert", False)
-    blobs: list[bytes] = []
+    columns: list[pa.ChunkedArray] = []
     labels: list[np.ndarray] = []
     class_names: list[str] = []
     class_groups: list[str] = []
@@ -479,14 +492,17 @@ def load_split(
             ):
                 first_seen.setdefault(label, (cls, group))
             labels.append(split_labels.astype(np.int64) + offset)
-            blobs.extend(table.column("image").to_pylist())
+            columns.append(table.column("image"))
         for label in range(len(first_seen)):
             cls, group = first_seen[label]
             class_names.append(cls if len(names) == 1 else f"{name}/{cls}")
             class_groups.append(group)
-    encoded = EncodedImages.of(blobs, image_size, channels, invert)
-    del blobs  # the joined buffer holds them now
+    encoded = EncodedImages.of(columns, image_size, channels, invert)
+    del columns
     images = encoded.decode_all() if decode == "memory" else encoded
+    # Arrow's allocator keeps the freed tables' memory for reuse; give it back now, as
+    # a process that holds a large data set has no other use for it.
+    pa.default_memory_pool().release_unused()
     norm = manifest["normalisation"]
     return ImageSet(
         images=images,
