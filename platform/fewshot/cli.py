@@ -564,6 +564,27 @@ def bench_distributed(
     console.print(out.read_text())
 
 
+@bench_app.command("data")
+def bench_data(
+    out: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path(
+        "benchmarks/results/data.md"
+    ),
+    workdir: Annotated[
+        Path, typer.Option(help="Scratch folder for the synthetic store (about 0.3 GB).")
+    ] = Path("runs/bench"),
+    images_per_class: Annotated[
+        int, typer.Option(min=20, help="Images per class of the 1,000 training classes.")
+    ] = 100,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds of sampling per mode.")] = 10,
+) -> None:
+    """Node memory with 1 and 2 workers sharing the data, and sampler episodes/s, with
+    images decoded up front and decoded per episode."""
+    from fewshot.bench import data
+
+    data.run(workdir, out, images_per_class, seconds)
+    console.print(out.read_text())
+
+
 @bench_app.command("methods")
 def bench_methods(
     config: Annotated[Path, typer.Option(help="Bench file: base config, tasks, rows.")] = Path(

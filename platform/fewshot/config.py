@@ -46,6 +46,15 @@ class DataConfig(Section):
     # as the validation classes: for stores without a validation split (Omniglot's
     # small1/small2). Needs val_split: null. train_classes then draws from the rest.
     val_groups: int | None = Field(None, ge=1)
+    # How training images are held (once per node under Ray, shared by its workers):
+    # memory: decoded up front into one uint8 array; episode: kept encoded (PNG/JPEG
+    # bytes) and each episode's images decoded when it is sampled, by a small thread
+    # pool; auto: memory when the decoded train and validation images fit in
+    # memory_budget_gb, else episode. Episodes are identical either way.
+    decode: Literal["auto", "memory", "episode"] = "auto"
+    # None: half the memory available when the data is loaded, and under Ray at most
+    # 80% of the smallest node's object store (where the decoded copy must fit).
+    memory_budget_gb: float | None = Field(None, gt=0)
 
     @field_validator("train_classes")
     @classmethod

@@ -29,3 +29,21 @@ def test_drawings_of_a_character_are_closer_than_drawings_of_different_ones(synt
     # ...but no drawing repeats another exactly.
     assert len({tuple(row.tolist()) for row in images.images.flatten(1)}) == len(images.images)
     assert read_manifest(synthetic_store)["splits"]["train"]["classes"] == 36
+
+
+def test_rgb_option_makes_colour_stores_and_keeps_the_grey_recipe(tmp_path, synthetic_store):
+    manifest = synthetic.prepare(
+        tmp_path / "rgb",
+        groups=(1, 1, 1),
+        classes_per_group=5,
+        images_per_class=2,
+        canvas=84,
+        rgb=True,
+    )
+    assert manifest["channels"] == 3 and manifest["image_shape"] == [84, 84]
+    assert not manifest["invert"]
+    images = load_split(tmp_path / "rgb", "train", 84)
+    assert images.images.shape == (10, 3, 84, 84)
+    assert (images.images[:, 0] != images.images[:, 1]).any()  # coloured, not grey
+    # Grey stores made before the option keep their checksum (so they are not rebuilt).
+    assert read_manifest(synthetic_store)["recipe"] == "v1-(6, 2, 2)-6-10-0"

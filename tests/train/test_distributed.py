@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from fewshot.config import load_config
+from fewshot.data.episodes import TRAIN, EpisodeSampler
 from fewshot.errors import ConfigError
 from fewshot.train.distributed import check_resources, fit_on_ray
-from fewshot.train.loop import Worker
+from fewshot.train.loop import Datasets, Worker
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -204,3 +205,41 @@ def test_submitted_job_trains_and_logs_its_model(ray_head, synthetic_store, tmp_
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "model")]
     assert artifacts == ["model/model.pt"]
+
+
+def mapping_of(address: int) -> tuple[str, str]:
+    """(permissions, device inode path) of this process's memory mapping at `address`."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, perms, _, device, inode, *path = line.split()
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            return perms, f"{device} {inode} {' '.join(path)}"
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
+@pytest.mark.parametrize("mode", ["memory", "episode"])
+def test_workers_of_a_node_map_one_shared_copy_of_the_data(ray_head, tiny_config, mode):
+    """Two workers at once see the driver's one copy: the same shared object store file."""
+    import ray
+
+    from fewshot.train.distributed import share_datasets, shared_datasets
+
+    config = tiny_config(f"data.decode={mode}")
+    loop_config = {"data": share_datasets(config)}  # nested, as in train_loop_config
+
+    @ray.remote(num_cpus=1)
+    def hold(loop_config: dict) -> tuple:
+        data = shared_datasets(loop_config)
+        images = data.train.images
+        array = images.blobs if data.train.encoded else images.numpy()
+        time.sleep(1)  # both workers hold the data at once
+        first = EpisodeSampler(data.train, 5, 1, 3).episode(TRAIN, 0, 0)
+        return mapping_of(array.ctypes.data), first.query_x
+
+    held = ray.get([hold.remote(loop_config) for _ in range(2)])
+    local = Datasets.load(config)
+    expected = EpisodeSampler(local.train, 5, 1, 3).episode(TRAIN, 0, 0).query_x
+    for (perms, file), query_x in held:
+        assert perms.endswith("s")  # a MAP_SHARED mapping, not a private copy
+        assert "plasma" in file and file == held[0][0][1]  # the same object store file
+        assert torch.equal(query_x, expected)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fewshot.config import AugmentConfig
 from fewshot.data.store import ImageSet
+from fewshot.errors import ConfigError
 
 
 def rotated_classes(images: ImageSet) -> ImageSet:
@@ -25,6 +26,11 @@ def rotated_classes(images: ImageSet) -> ImageSet:
 
     A rotated class keeps its group with a suffix (`Greek/rot90`), so a within-group
     episode never mixes upright and rotated characters of an alphabet."""
+    if not isinstance(images.images, torch.Tensor):
+        raise ConfigError(
+            "augment.rotations: needs images decoded up front, but this split is decoded per "
+            "episode; set data.decode=memory (and data.memory_budget_gb if it is large)"
+        )
     n = images.n_classes
     rotations = range(4)
     return ImageSet(

@@ -23,15 +23,13 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}"
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table, one line each."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def write_table(path: Path, title: str, intro: str, header: list[str], rows: list[list]) -> None:
-    lines = [
-        f"# {title}",
-        "",
-        intro,
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines = [f"# {title}", "", intro, "", *table(header, rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -8,8 +8,10 @@ Episodes are a pure function of their key, so
 - test episodes use their own stream and seed, so every method and every run
   is evaluated on the same episodes and comparisons are paired.
 
-Images are decoded once (`store.load_split`); an episode only indexes the uint8
-tensor and normalises the few images it uses.
+Images are decoded once (`store.load_split`) and an episode only indexes the uint8
+tensor and normalises the few images it uses; or, for a set too large to hold
+decoded (`data.decode`), an episode decodes just its own images. Both give the same
+episode for the same key.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def tasks_for_rank(meta_batch: int, rank: int, world_size: int) -> range:
 
 
 class EpisodeSampler:
-    """Samples episodes from a decoded `ImageSet`.
+    """Samples episodes from an `ImageSet` (decoded or encoded).
 
     within_group: all N classes of an episode come from one group (alphabet).
     class_pool: restrict classes to these labels (DATG clusters, few-base-class runs).

@@ -9,6 +9,10 @@ state plus the model file) every evaluation round; the other ranks report metric
 only. A worker group that loses a worker is restarted from the last checkpoint
 (`distributed.max_failures`), and a run started again with the same name
 continues from it, because Ray keeps checkpoints under storage_path/NAME.
+
+Data is held once per node, not once per worker (`share_datasets`): the driver reads
+the splits once and puts them in Ray's object store as numpy arrays; each worker's
+`ray.get` maps them read-only, zero-copy, from its node's shared memory.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
-from fewshot.train.loop import Worker, eval_rounds, fit
+from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
 from fewshot.train.runner import RoundLogger, log_train_classes, model_file
 
 STATE = "state.pt"
@@ -50,7 +54,7 @@ def worker_loop(loop_config: dict) -> None:
     config = validate(loop_config["config"])
     context = ray.train.get_context()
     comm = TorchDistributedComm(context.get_world_rank(), context.get_world_size())
-    worker = Worker(config, comm)
+    worker = Worker(config, comm, shared_datasets(loop_config))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -121,6 +125,41 @@ def check_resources(config: Config) -> None:
             )
 
 
+def share_datasets(config: Config):
+    """Read the splits of `config` here, once, and put them in Ray's object store; returns
+    the ObjectRef that every worker gets.
+
+    The put stores one copy in this node's object store (shared memory). A worker on
+    another node that calls `ray.get` makes Ray's object manager pull the object into
+    its own node's store once, however many workers of that node ask for it, and every
+    worker of a node then maps that one copy: numpy arrays are deserialised zero-copy,
+    as read-only views of the shared memory. So memory per node does not grow with
+    workers per node. The copy lives as long as the returned ref, which the caller
+    holds until training ends (a restarted worker group gets it again).
+
+    `data.decode: auto` decides here, on the driver's node, for all nodes: its budget is
+    at most 80% of the smallest node's object store, where the decoded copy must fit
+    (Ray spills objects that do not fit to disk).
+    """
+    import ray
+
+    stores = [
+        node["Resources"].get("object_store_memory", 0)
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("object_store_memory")
+    ]
+    cap = 0.8 * min(stores) if stores else None
+    return ray.put(Datasets.load(config, cap).shared())
+
+
+def shared_datasets(loop_config: dict) -> Datasets:
+    """A worker's view of the node's copy that `share_datasets` put; the arrays stay
+    mapped as long as the worker holds the returned tensors."""
+    import ray
+
+    return Datasets.from_shared(ray.get(loop_config["data"]))
+
+
 def for_workers(config: Config) -> dict:
     """The config as workers need it: Ray runs them in other directories, so local
     paths and the tracking URI are made absolute here (on a multi-node cluster the
@@ -159,12 +198,15 @@ def fit_on_ray(
     storage = storage_path(config)
     if restart and "://" not in storage:
         shutil.rmtree(Path(storage) / config.name, ignore_errors=True)
+    data = share_datasets(config)
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": for_workers(config), "run_id": run_id},
+        # The ref nested in the config is a borrowed ref in every worker: Ray keeps the
+        # object alive while this driver holds `data` and the workers use it.
+        train_loop_config={"config": for_workers(config), "run_id": run_id, "data": data},
         torch_config=TorchConfig(backend=backend(config)),
         scaling_config=ScalingConfig(
             num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources

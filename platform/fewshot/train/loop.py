@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -27,7 +28,7 @@ from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
-from fewshot.data.store import ImageSet, load_split
+from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
@@ -109,16 +110,38 @@ def build_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.LRSch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def memory_budget(config: Config, cap: float | None = None) -> float:
+    """Bytes that decoded images may take: `data.memory_budget_gb`, else half the memory
+    available now, at most `cap` (the caller's limit, e.g. Ray's object store)."""
+    if config.data.memory_budget_gb is not None:
+        return config.data.memory_budget_gb * 1e9
+    budget = 0.5 * psutil.virtual_memory().available
+    return budget if cap is None else min(budget, cap)
+
+
+def decode_mode(config: Config, cap: float | None = None) -> str:
+    """`data.decode` with auto resolved: "memory" when the decoded train and validation
+    images fit in `memory_budget`, else "episode" (store.choose_decode)."""
+    d = config.data
+    if d.decode != "auto":
+        return d.decode
+    splits = d.train_split + ([d.val_split] if d.val_split else [])
+    needed = decoded_bytes(d.path, splits, d.image_size)
+    return choose_decode("auto", needed, memory_budget(config, cap))
+
+
 @dataclass
 class Datasets:
     train: ImageSet
     val: ImageSet | None
 
     @classmethod
-    def load(cls, config: Config) -> Datasets:
+    def load(cls, config: Config, cap: float | None = None) -> Datasets:
+        """Read the splits of `config`, decoded or encoded as `decode_mode` says."""
         d = config.data
-        train = load_split(d.path, d.train_split, d.image_size)
-        val = load_split(d.path, d.val_split, d.image_size) if d.val_split else None
+        mode = decode_mode(config, cap)
+        train = load_split(d.path, d.train_split, d.image_size, mode)
+        val = load_split(d.path, d.val_split, d.image_size, mode) if d.val_split else None
         if d.val_groups:
             train, val = hold_out_groups(train, d.val_groups, config.seed, d.train_split)
         if d.train_classes:
@@ -128,6 +151,16 @@ class Datasets:
         if config.augment.rotations:
             train = rotated_classes(train)
         return cls(train, val)
+
+    def shared(self) -> dict:
+        """Numpy arrays and plain values for `ray.put` (see `ImageSet.shared`)."""
+        return {"train": self.train.shared(), "val": self.val and self.val.shared()}
+
+    @classmethod
+    def from_shared(cls, tree: dict) -> Datasets:
+        """The inverse of `shared`, over the same (object store) memory."""
+        val = tree["val"] and ImageSet.from_shared(tree["val"])
+        return cls(ImageSet.from_shared(tree["train"]), val)
 
 
 def choose_train_classes(

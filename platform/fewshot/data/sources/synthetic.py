@@ -48,28 +48,41 @@ def _character(rng: np.random.Generator, primitives: np.ndarray) -> list[np.ndar
     return strokes
 
 
-def _draw(rng: np.random.Generator, strokes: list[np.ndarray]) -> bytes:
+def _draw(
+    rng: np.random.Generator, strokes: list[np.ndarray], canvas: int = CANVAS, rgb: bool = False
+) -> bytes:
     angle = rng.normal(0.0, 0.12)
     scale = rng.uniform(0.85, 1.1)
     shift = rng.normal(0.0, 0.04, size=2)
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    width = int(rng.integers(3, 6))
-    image = Image.new("L", (CANVAS, CANVAS), 255)  # dark ink on white, like Omniglot
+    width = max(1, round(int(rng.integers(3, 6)) * canvas / CANVAS))
+    if rgb:  # dark ink of some colour on light paper of another, drawn per image
+        paper = tuple(int(c) for c in rng.integers(160, 256, size=3))
+        ink = tuple(int(c) for c in rng.integers(0, 120, size=3))
+        image = Image.new("RGB", (canvas, canvas), paper)
+    else:
+        ink = 0
+        image = Image.new("L", (canvas, canvas), 255)  # dark ink on white, like Omniglot
     pen = ImageDraw.Draw(image)
     for stroke in strokes:
         control = stroke + rng.normal(0.0, 0.035, size=stroke.shape)
         line = (_bezier(control) - 0.5) @ rotation.T * scale + 0.5 + shift
-        pixels = [tuple(p) for p in (line * CANVAS).tolist()]
-        pen.line(pixels, fill=0, width=width, joint="curve")
+        pixels = [tuple(p) for p in (line * canvas).tolist()]
+        pen.line(pixels, fill=ink, width=width, joint="curve")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def generate(
-    groups: tuple[int, int, int], classes_per_group: int, images_per_class: int, seed: int
+    groups: tuple[int, int, int],
+    classes_per_group: int,
+    images_per_class: int,
+    seed: int,
+    canvas: int = CANVAS,
+    rgb: bool = False,
 ) -> dict[str, list[Example]]:
-    """Splits train/val/test with `groups` scripts each."""
+    """Splits train/val/test with `groups` scripts each, `canvas` px, grey or RGB."""
     rng = np.random.default_rng(seed)
     splits: dict[str, list[Example]] = {}
     script = 0
@@ -83,7 +96,8 @@ def generate(
                 strokes = _character(rng, primitives)
                 name = f"{group}/char{c:02d}"
                 examples.extend(
-                    Example(name, group, _draw(rng, strokes)) for _ in range(images_per_class)
+                    Example(name, group, _draw(rng, strokes, canvas, rgb))
+                    for _ in range(images_per_class)
                 )
         splits[split] = examples
     return splits
@@ -97,19 +111,24 @@ def prepare(
     images_per_class: int = 20,
     seed: int = 0,
     overwrite: bool = False,
+    canvas: int = CANVAS,
+    rgb: bool = False,
 ) -> dict:
+    """`canvas` and `rgb` make stores shaped like natural-image sets (84 px RGB, as
+    miniImageNet) for benchmarks; the defaults give the grey glyphs of the demo."""
     recipe = f"v{GENERATOR_VERSION}-{groups}-{classes_per_group}-{images_per_class}-{seed}"
+    if canvas != CANVAS or rgb:  # the defaults keep their recipe, so old stores still match
+        recipe += f"-{canvas}px" + ("-rgb" if rgb else "")
     info = SourceInfo(
         name="synthetic",
         source="synthetic",
         checksum=hashlib.sha256(recipe.encode()).hexdigest(),
-        channels=1,
-        image_shape=(CANVAS, CANVAS),
-        invert=True,
+        channels=3 if rgb else 1,
+        image_shape=(canvas, canvas),
+        invert=not rgb,  # grey glyphs are ink on paper: inverted so ink is high
         extra={"recipe": recipe},
     )
     if existing_store(Path(out), info.checksum, overwrite):  # generating is the slow part
         return read_manifest(out)
-    return write_store(
-        out, info, generate(groups, classes_per_group, images_per_class, seed), overwrite=overwrite
-    )
+    splits = generate(groups, classes_per_group, images_per_class, seed, canvas, rgb)
+    return write_store(out, info, splits, overwrite=overwrite)
