@@ -21,7 +21,7 @@ from rich.console import Console  # noqa: E402
 
 from fewshot.config import load_config  # noqa: E402
 from fewshot.data.sources import omniglot  # noqa: E402
-from fewshot.errors import FewShotError  # noqa: E402
+from fewshot.errors import DataError, FewShotError  # noqa: E402
 from fewshot.registry.gate import promote  # noqa: E402
 from fewshot.registry.versions import CHAMPION, alias_version, connect, register  # noqa: E402
 
@@ -34,6 +34,12 @@ def main(overrides: list[str]) -> None:
     name = config.registry.name or config.name
     source = Path(os.environ.get("OMNIGLOT_DIR", "../shared/datasets/omniglot"))
     zips = [source / f"images_background_small{i}.zip" for i in (1, 2)]
+    missing = [z for z in zips if not z.is_file()]
+    if missing:
+        raise DataError(
+            f"{missing[0]} does not exist; set OMNIGLOT_DIR to the folder that holds "
+            "images_background_small1.zip and images_background_small2.zip"
+        )
     console.print(f"[bold]1/3[/] dataset: {', '.join(map(str, zips))} -> {config.data.path}")
     omniglot.prepare(zips, config.data.path)
 
@@ -48,15 +54,19 @@ def main(overrides: list[str]) -> None:
 
     client = connect(config.tracking.uri)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    mine = [v.version for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    versions = client.search_model_versions(f"name='{name}'")
+    mine = [str(v.version) for v in versions if v.run_id == run_id]
     if not mine:  # stopped between training and registration
-        mine = [register(run_id, name, uri=config.tracking.uri).version]
+        mine = [str(register(run_id, name, uri=config.tracking.uri).version)]
     if alias_version(client, name, CHAMPION) in mine:
         console.print(f"[bold]3/3[/] models:/{name}@{CHAMPION} is this run's model already")
         return
     version = max(mine, key=int)
     console.print(f"[bold]3/3[/] promote {name} version {version}")
-    console.print(str(promote(name, version, uri=config.tracking.uri)))
+    decision = promote(name, version, uri=config.tracking.uri)
+    console.print(decision.summary(), highlight=False)
+    if not decision.promoted:
+        raise FewShotError(f"{name} version {version} was not promoted; see the gate above")
 
 
 if __name__ == "__main__":
