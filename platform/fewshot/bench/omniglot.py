@@ -173,8 +173,10 @@ def write(out: Path, spec: dict, results: list[dict]) -> None:
         "set and is tested on the other's alphabets, never seen in training: within-"
         "alphabet 20-way 1-shot, one query per class, the same fixed episodes for every "
         f"row (paired). Error % ± 95% CI. People make {HUMAN_ERROR}% errors on this task. "
+        "Run min: wall-clock minutes of the training runs (validation rounds and the test "
+        "included; an ensemble adds its members'). "
         f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
-        ["row", "train -> test", "error % ± CI", "accuracy %", "episodes", "training min"],
+        ["row", "train -> test", "error % ± CI", "accuracy %", "episodes", "run min"],
         rows,
     )
 
