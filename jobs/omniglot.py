@@ -50,7 +50,7 @@ def main(overrides: list[str]) -> None:
         console.print(f"[bold]2/3[/] train {config.name} (resumes from its last checkpoint)")
         from fewshot.train.runner import train
 
-        train(config, progress=sys.stderr.isatty())
+        train(config, progress=True)  # a bar on a terminal, else a line every 5%
 
     client = connect(config.tracking.uri)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()

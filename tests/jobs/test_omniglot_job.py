@@ -44,6 +44,7 @@ def test_the_job_trains_on_both_sets_promotes_once_and_is_idempotent(
     champion = client.get_model_version_by_alias("omniglot", "champion")
     assert str(champion.version) == "1"
     assert "first" in first.stderr  # the gate's decision: nothing to beat yet
+    assert "train 2/2" in first.stderr  # progress lines when not on a terminal
     config = (workdir / "runs" / "omniglot" / "config.yaml").read_text()
     assert "- small1\n  - small2" in config and "rotations: true" in config
 

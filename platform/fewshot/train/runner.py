@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,11 +119,15 @@ class RunResult:
 
 
 class Progress:
-    """A rich progress bar on a terminal; silent otherwise."""
+    """Training progress: a rich bar on a terminal; elsewhere (a log file, a Ray job's
+    output) one plain line every 5% of the steps. Silent when not `enabled`."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.bar = None
-        if enabled:
+        self.lines = enabled and not sys.stderr.isatty()
+        self.total, self.every = total, max(1, total // 20)
+        self.next_line = start + 1  # the first update prints, then every 5%
+        if enabled and not self.lines:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
@@ -137,9 +142,12 @@ class Progress:
             self.bar.start()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        status = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "train_lr")
         if self.bar:
-            status = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "train_lr")
             self.bar.update(self.task, completed=step, status=status)
+        elif self.lines and (step >= self.next_line or step == self.total):
+            print(f"train {step}/{self.total} {status}", file=sys.stderr, flush=True)
+            self.next_line = (step // self.every + 1) * self.every
 
     def close(self) -> None:
         if self.bar:
