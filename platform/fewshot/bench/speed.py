@@ -39,6 +39,7 @@ from fewshot.data.episodes import TEST, TRAIN, EpisodeSampler
 from fewshot.data.sources import omniglot
 from fewshot.data.store import ImageSet, load_split, normalise
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.methods import build_method
 from fewshot.train.loop import Runtime, Worker
 
 
@@ -69,7 +70,8 @@ def bench_config(store: Path, method: str, fast: bool, n_way: int, size: int, th
             f"train.threads={threads}",
             f"train.precision={'bf16' if fast else 'fp32'}",
             f"train.channels_last={str(fast).lower()}",
-            "method.inner_steps=1" if method == "maml" else "method.temperature=1.0",
+            # ProtoNet at the temperature of the Omniglot recipe (benchmarks/results/omniglot.md)
+            "method.inner_steps=1" if method == "maml" else "method.temperature=8.0",
         ],
     )
 
@@ -134,6 +136,7 @@ def easyfsl(config: Config, episodes: int) -> tuple[float, nn.Module] | None:
     easyfsl_sampler_shim()
     from fewshot.models.backbones import build_backbone
 
+    torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
     images = load_split(config.data.path, config.data.train_split, config.data.image_size)
     dataset = EpisodeDataset(images)
@@ -207,18 +210,22 @@ class L2LStyleMAML:
 def l2l_maml(config: Config, episodes: int) -> float:
     """Episodes/s of the learn2learn-style loop on our MAML's network (conv4 + linear
     head, batch statistics) and our sampler; fp32, as learn2learn trains (pass an fp32
-    config)."""
-    worker = Worker(config)
-    network = worker.method  # conv4 + linear head; forward(x) -> logits
-    maml = L2LStyleMAML(network, lr=worker.method.params.inner_lr)
+    config). Built without our loop's runtime, as a learn2learn user would run it."""
+    torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    images = load_split(config.data.path, config.data.train_split, config.data.image_size)
+    e = config.episode
+    sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
+    network = build_method(config, 1).train()  # conv4 + linear head; forward(x) -> logits
+    maml = L2LStyleMAML(network, lr=network.params.inner_lr)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.train.lr)
     steps = iter(range(10**9))
 
     def step() -> None:
-        episode = worker.sampler.episode(TRAIN, config.seed, next(steps))
+        episode = sampler.episode(TRAIN, config.seed, next(steps))
         optimizer.zero_grad()
         learner = clone_module(network)
-        for _ in range(worker.method.params.inner_steps):
+        for _ in range(network.params.inner_steps):
             maml.adapt(learner, F.cross_entropy(learner(episode.support_x), episode.support_y))
         F.cross_entropy(learner(episode.query_x), episode.query_y).backward()
         optimizer.step()
@@ -278,6 +285,10 @@ def run(
 
     add("sampler alone", sampler_speed(fast_proto, 20 * episodes), "episodes/s", "target >= 1000")
     add("conversion (omniglot zips -> store)", convert, "images/s")
+    # The peers first: our runtime changes process-wide settings (train/allocator.py) that
+    # their users would not have.
+    peer = easyfsl(configs["protonet", False], episodes)
+    l2l = l2l_maml(configs["maml", False], episodes // 3)
     speeds, models = {}, {}
     for fast in (True, False):
         speeds[fast], worker = ours(configs["protonet", fast], episodes)
@@ -292,7 +303,6 @@ def run(
             "episodes/s",
             f"our loop's overhead {overhead:+.1f}% (target within 10%)",
         )
-    peer = easyfsl(configs["protonet", False], episodes)
     if peer is None:
         add("easyfsl PrototypicalNetworks", None, "episodes/s", "easyfsl not installed")
     else:
@@ -304,7 +314,6 @@ def run(
         )
     maml_fast = ours(configs["maml", True], episodes // 3)[0]
     maml_fp32 = ours(configs["maml", False], episodes // 3)[0]
-    l2l = l2l_maml(configs["maml", False], episodes // 3)
     add(
         "ours: MAML (2nd order, 1 inner step), bf16 + channels_last",
         maml_fast,
@@ -340,7 +349,9 @@ def write(out: Path, rows, accuracy, episodes, n_way, size, threads) -> None:
         "Training speed against the peers",
         f"conv4, {n_way}-way 1-shot 5 queries, {size}x{size} Omniglot (small1), "
         f"{threads} threads, {episodes} timed training episodes per contender (MAML: a "
-        f"third), after 3 warm-up ones; the same machine in one run. Machine: {machine()}.",
+        f"third), after 3 warm-up ones; the same machine in one run. The peers run first, "
+        "with glibc's default allocator; ours then keeps freed memory "
+        f"(train/allocator.py). Machine: {machine()}.",
         ["contender", "speed", "unit", "note"],
         table,
     )

@@ -32,6 +32,7 @@ from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_spli
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
+from fewshot.train.allocator import keep_freed_memory
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.pretrain import pretrain
 
@@ -87,6 +88,7 @@ class Runtime:
         t = config.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        keep_freed_memory()
         device = pick_device(t.device)
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         return cls(device, autocast_dtype(t.precision, device), memory_format)
