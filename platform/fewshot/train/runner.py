@@ -142,7 +142,8 @@ class Progress:
             self.bar.start()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        status = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "train_lr")
+        shown = {k: v for k, v in metrics.items() if k != "train_lr" and v == v}  # v == v: not NaN
+        status = " ".join(f"{k} {v:.3f}" for k, v in shown.items())
         if self.bar:
             self.bar.update(self.task, completed=step, status=status)
         elif self.lines and (step >= self.next_line or step == self.total):
