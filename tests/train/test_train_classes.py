@@ -2,11 +2,11 @@
 
 import json
 
-import mlflow
 import pytest
 
 from fewshot.config import load_config
 from fewshot.errors import ConfigError, DataError
+from fewshot.tracking import download_artifact
 from fewshot.train.loop import Datasets
 from fewshot.train.runner import train
 
@@ -56,6 +56,7 @@ def test_the_chosen_classes_are_logged_with_the_run(workdir, synthetic_store):
         "name=few-base",
     )
     result = train(config)
-    mlflow.set_tracking_uri("sqlite:///mlflow.db")
-    logged = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/train_classes.json"))
+    # This directory's store, by absolute path: MLflow caches stores by URI, so a relative
+    # sqlite:///mlflow.db could reach an earlier test's database.
+    logged = json.loads(download_artifact(result.run_id, "train_classes.json").read_text())
     assert logged == Datasets.load(config).train.class_names and len(logged) == 12
