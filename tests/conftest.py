@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ def pytest_configure(config):
     # Tests must not depend on the user's tracking server or Ray auth settings.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Runtime probes (fewshot.runtime) cached for this session only, not in the user's home.
+    os.environ["FEWSHOT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fewshot-cache-")
 
 
 @pytest.fixture(scope="session")

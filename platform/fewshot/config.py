@@ -145,11 +145,17 @@ class TrainConfig(Section):
     val_episodes: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast: fast on CPUs with AMX and on GPUs from Ampere on. "auto": bf16 on a
-    # GPU with native bf16, fp32 elsewhere (CPUs included).
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    channels_last: bool = False
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's choice
+    # How a step computes, chosen for the hardware (runtime.py). precision "auto": bf16
+    # autocast where the device has native bf16 (AMX or AVX512-BF16 CPUs, GPUs from
+    # Ampere on), fp32 elsewhere; channels_last "auto": NHWC or NCHW, whichever a few
+    # timed steps of the run's own episode find faster (cached per machine and shape).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    # bf16 on a CPU without native bf16 is 7-8x slower than fp32 and refused unless this
+    # says it is meant (tests of that path).
+    allow_slow_precision: bool = False
+    # torch intra-op threads; None: the CPUs this process is given (a Ray worker's share)
+    threads: int | None = Field(None, ge=1)
     output_dir: Path = Path("runs")
 
 

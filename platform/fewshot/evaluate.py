@@ -39,7 +39,7 @@ def episode_accuracies(
 ) -> list[float]:
     """Per-episode query accuracy; the method is put in eval mode and restored.
 
-    runtime: a `train.loop.Runtime` (device, autocast dtype, memory format); CPU fp32
+    runtime: a `fewshot.runtime.Runtime` (device, autocast dtype, memory format); CPU fp32
     when None.
     """
     device = runtime.device if runtime else torch.device("cpu")

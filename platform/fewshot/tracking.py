@@ -123,6 +123,20 @@ class Tracker:
         self.text(resolved_yaml(self.config), "config.yaml")
         return self.run_id
 
+    def params(self, values: dict[str, str]) -> None:
+        if self.enabled and self.run_id:
+            import mlflow
+
+            batch = [mlflow.entities.Param(k, str(v)[:500]) for k, v in values.items()]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.enabled and self.run_id:
+            import mlflow
+
+            batch = [mlflow.entities.RunTag(k, str(v)) for k, v in values.items()]
+            self.client.log_batch(self.run_id, tags=batch)
+
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.enabled and self.run_id:
             import time

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fewshot.data.episodes import TRAIN
-from fewshot.train.loop import Datasets, Worker, bf16_on_gpu
+from fewshot.runtime import bf16_on_gpu
+from fewshot.train.loop import Datasets, Worker
 
 pytestmark = [
     pytest.mark.gpu,

@@ -82,6 +82,7 @@ def test_multistep_schedule_decays_at_its_milestones(small_config, data):
 def test_meta_batch_gradient_is_the_mean_of_task_gradients(small_config, data):
     """The loop's step on B tasks uses the mean of the B per-task gradients."""
     config = small_config(
+        "train.precision=fp32",  # the reference below computes in fp32
         "train.optimizer=sgd",
         "train.momentum=0",
         "train.lr=1.0",

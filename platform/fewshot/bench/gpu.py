@@ -26,7 +26,8 @@ from fewshot.config import Config, load_config
 from fewshot.data.episodes import TRAIN
 from fewshot.data.store import ImageSet
 from fewshot.errors import FewShotError
-from fewshot.train.loop import Datasets, Worker, bf16_on_gpu
+from fewshot.runtime import bf16_on_gpu
+from fewshot.train.loop import Datasets, Worker
 
 SHAPE = ["episode.n_way=5", "episode.k_shot=1", "episode.q_query=15", "episode.meta_batch=1"]
 

@@ -31,7 +31,7 @@ from fewshot.errors import ConfigError, FewShotError
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
 from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
-from fewshot.train.runner import RoundLogger, log_train_classes, model_file
+from fewshot.train.runner import RoundLogger, log_runtime, log_train_classes, model_file
 
 STATE = "state.pt"
 
@@ -54,7 +54,8 @@ def worker_loop(loop_config: dict) -> None:
     config = validate(loop_config["config"])
     context = ray.train.get_context()
     comm = TorchDistributedComm(context.get_world_rank(), context.get_world_size())
-    worker = Worker(config, comm, shared_datasets(loop_config))
+    cpus = config.distributed.cpus_per_worker
+    worker = Worker(config, comm, shared_datasets(loop_config), cpus=cpus)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -66,6 +67,8 @@ def worker_loop(loop_config: dict) -> None:
     else:  # what the built method and optimiser really hold (checked by the tune tests)
         tracker.text(json.dumps(worker.effective(), indent=2), "effective.json")
         log_train_classes(tracker, worker)
+    if comm.rank == 0:
+        log_runtime(tracker, worker)
     logger = RoundLogger(tracker)
 
     def on_round(w: Worker, metrics: dict[str, float]) -> None:

@@ -13,7 +13,7 @@ number to continue exactly as an unbroken run would.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,69 +29,15 @@ from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
 from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
-from fewshot.errors import ConfigError, DataError
+from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
-from fewshot.train.allocator import keep_freed_memory
+from fewshot.runtime import Execution, Probe, Runtime, module_probe
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.pretrain import pretrain
 
 HARD = 5  # random stream of hard tasks (episodes 0..3, pre-training 4)
 HOLD_OUT = 6  # random stream of the validation groups held out of the train split
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of `train.device`. A GPU is named by its index: the current device,
-    which Ray Train sets to the worker's own GPU (so workers sharing a node don't all
-    land on GPU 0)."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "train.device: cuda but no GPU is visible to torch; use train.device=auto or cpu"
-        )
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def bf16_on_gpu() -> bool:
-    """Native bf16 (Ampere and later). Older GPUs only emulate it, slower than fp32."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast, or None for fp32. "auto": bf16 on a GPU that has it natively, else
-    fp32. Decision: no fp16 fallback; it needs a GradScaler around MAML's second-order
-    inner loop, and the GPUs without bf16 are the old ones."""
-    if device.type == "cuda" and precision != "fp32" and not bf16_on_gpu():
-        if precision == "bf16":
-            raise ConfigError(
-                f"train.precision: bf16 but {torch.cuda.get_device_name(device)} has no native "
-                "bf16; use train.precision=auto (fp32 there) or fp32"
-            )
-        return None
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how tensors are computed, from `train.device/precision/channels_last`."""
-
-    device: torch.device
-    amp: torch.dtype | None  # autocast dtype, None for fp32
-    memory_format: torch.memory_format
-
-    @classmethod
-    def of(cls, config: Config) -> Runtime:
-        """The runtime of `config`; also applies `train.threads` (a process-wide setting)."""
-        t = config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        keep_freed_memory()
-        device = pick_device(t.device)
-        memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        return cls(device, autocast_dtype(t.precision, device), memory_format)
 
 
 def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -218,6 +164,19 @@ def failure_class(logits: torch.Tensor, episode: Episode) -> torch.Tensor:
     return episode.classes[per_class.argmin()]
 
 
+def agreed(runtime: Runtime, comm: Comm) -> Runtime:
+    """Rank 0's execution on every rank (rank 0 alone probes): ranks that computed a step
+    in different precisions or layouts would sum gradients of different roundings."""
+    if comm.world_size == 1:
+        return runtime
+    every = [Execution(p, c) for p in ("bf16", "fp32") for c in (True, False)]
+    vote = torch.zeros(len(every), dtype=torch.float64, device=runtime.device)
+    if comm.rank == 0:
+        vote[every.index(runtime.execution)] = 1.0
+    chosen = every[int(comm.all_reduce_sum(vote).argmax())]
+    return runtime.with_execution(chosen)
+
+
 TaskLoss = Callable[[int], tuple[Loss, Episode]]
 LogHook = Callable[[int, dict[str, float]], None]
 
@@ -226,18 +185,19 @@ class Worker:
     """A method, its optimiser and its episodes, stepped one meta-batch at a time."""
 
     def __init__(
-        self, config: Config, comm: Comm | None = None, data: Datasets | None = None
+        self,
+        config: Config,
+        comm: Comm | None = None,
+        data: Datasets | None = None,
+        cpus: float | None = None,
     ) -> None:
+        """`cpus`: the CPUs Ray gave this worker, which set its threads (runtime.py)."""
         self.config = config
         self.comm = comm or Comm()
-        self.runtime = Runtime.of(config)
-        self.device, self.amp = self.runtime.device, self.runtime.amp
-        self.memory_format = self.runtime.memory_format
         data = data or Datasets.load(config)
         self.train_images = data.train
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.method: FewShotMethod = build_method(config, data.train.images.shape[1])
-        self.method.to(self.device, memory_format=self.memory_format)
         e = config.episode
         jitter = AffineJitter(config.augment)
         self.sampler = EpisodeSampler(
@@ -251,6 +211,11 @@ class Worker:
         self.mixup = None
         if config.task_mixup.strategy != "none":
             self.mixup = TaskMixup(config.task_mixup, self.sampler, config.seed, self.method)
+        probe = self.probe() if self.comm.rank == 0 else None
+        self.runtime = agreed(Runtime.of(config.train, cpus, probe), self.comm)
+        self.device, self.amp = self.runtime.device, self.runtime.amp
+        self.memory_format = self.runtime.memory_format
+        self.method.to(self.device, memory_format=self.memory_format)
         self.val_sampler = None
         if data.val is not None:
             v = config.eval_episode()
@@ -265,10 +230,25 @@ class Worker:
         # Recent distinct failure classes, newest first (MTL's hard tasks).
         self.failures: list[int] = []
 
+    def probe(self) -> Probe:
+        """The step the runtime's candidates are timed on: the method's loss on this run's
+        first training episode, forward and backward."""
+        c = self.config
+        episode = self.sampler.episode(TRAIN, c.seed, 0, 0)
+        work = {
+            "method": c.method.model_dump(mode="json"),
+            "backbone": c.backbone.model_dump(mode="json"),
+            "input": list(episode.query_x.shape[1:]),
+            "episode": c.episode.model_dump(mode="json"),
+        }
+
+        def loss(method: FewShotMethod, runtime: Runtime) -> torch.Tensor:
+            return method.loss(episode.to(runtime.device, runtime.memory_format)).total
+
+        return module_probe(self.method, json.dumps(work, sort_keys=True), loss)
+
     def autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return self.runtime.autocast()
 
     def to_device(self, episode: Episode) -> Episode:
         return episode.to(self.device, self.memory_format)

@@ -31,8 +31,9 @@ from fewshot.data.store import load_split
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import FewShotMethod, build_method
+from fewshot.runtime import Runtime
 from fewshot.tracking import Tracker, download_artifact
-from fewshot.train.loop import Runtime, Worker, fit
+from fewshot.train.loop import Worker, fit
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -98,7 +99,7 @@ def evaluate_method(
 ) -> Accuracy:
     """Accuracy on the fixed test episodes of `config` (test split, eval shape, eval seed),
     computed where and how the config trains (device, precision, memory format)."""
-    runtime = Runtime.of(config)
+    runtime = Runtime.of(config.train)
     method.to(runtime.device, memory_format=runtime.memory_format)
     e = config.eval_episode()
     test = load_split(config.data.path, split or config.data.test_split, config.data.image_size)
@@ -194,6 +195,17 @@ class RoundLogger:
         self.tracker.metrics(metrics, worker.step)
 
 
+def log_runtime(tracker: Tracker, worker: Worker) -> None:
+    """Say how this run computes (runtime.py): one line on stderr, and the choice as the
+    run's `runtime.*` params. A run resumed elsewhere keeps its first machine's params
+    and records the new choice as the tag `fewshot.runtime_on_resume`."""
+    print(worker.runtime.line(), file=sys.stderr, flush=True)
+    if worker.step == 0:
+        tracker.params(worker.runtime.params())
+    else:
+        tracker.tags({"fewshot.runtime_on_resume": worker.runtime.line()})
+
+
 def log_train_classes(tracker: Tracker, worker: Worker) -> None:
     """With data.train_classes (few base classes, e.g. miniImageNet-S), log which classes
     the run trains on: train_classes.json, a list of class names."""
@@ -210,6 +222,7 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
     if checkpoint.is_file():
         worker.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
+    log_runtime(tracker, worker)
     bar = Progress(config.train.steps, worker.step, progress)
     logger = RoundLogger(tracker, bar)
 

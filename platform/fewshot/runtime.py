@@ -1,0 +1,367 @@
+"""Where and how tensors are computed: device, precision, memory format and threads,
+chosen for the hardware the process lands on.
+
+`train.precision`, `train.channels_last` and `train.threads` default to `auto`:
+
+- precision: bf16 autocast where the device computes bf16 natively (`native_bf16`): a
+  GPU from Ampere on, or a CPU whose oneDNN has bf16 instructions (AMX or
+  AVX512-BF16); there it is about twice as fast as fp32 for conv4 (Intel Xeon with
+  AMX). Elsewhere bf16 is emulated: on an AVX2-only CPU a bf16 convolution runs 7 to
+  8 times slower than fp32, so `auto` is fp32 there, and an explicit `bf16` is refused
+  unless `train.allow_slow_precision` says it is meant.
+- memory format: NCHW and channels_last are both candidates; which is faster depends
+  on the processor, the backbone and the episode's shape.
+- threads: the CPUs this process is given (a Ray worker's CPU allotment, else the
+  CPUs it may run on), not torch's default. Several processes on one node each
+  spinning OpenMP threads for every core slow each other down.
+
+With more than one candidate and a `Probe` (a training step of the run's own episode
+shape), a few timed steps of each decide, and the result is cached per machine and
+shape (`cache_path()`), so a second run pays nothing. Without a probe (evaluation, a
+benchmark's fixed setting) the rule is channels_last.
+
+Freed memory is kept in the process (`keep_freed_memory`): a training step allocates
+and frees the same activation buffers, a few MB each, and by default glibc serves
+blocks above its mmap threshold with fresh mmaps and trims the heap top as soon as it
+is free, so every step paid page faults for memory it had just given away (conv4,
+20-way 1-shot 5-query at 28 px, bf16 + channels_last, 2 threads, Intel Xeon with AMX:
+17.8 to 27 training steps per second; the memory kept is bounded by the step's peak).
+
+Decision: no fp16 fallback; it needs a GradScaler around MAML's second-order inner
+loop, and the devices without bf16 are old GPUs and CPUs, where fp32 is as fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewshot.config import TrainConfig
+from fewshot.errors import ConfigError
+
+# bf16 convolution against fp32 on a CPU without native bf16 (AMD EPYC, AVX2 only,
+# conv4 28 px: 0.7-0.8 against 5-6 episodes/s; ../shared/specs/platform-notes.md).
+EMULATED_BF16_SLOWDOWN = "7 to 8 times"
+PROBE_SECONDS = 2.0  # time budget of one candidate's timed steps, after a warm-up step
+PROBE_STEPS = 3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit
+TRIM_THRESHOLD = 256 * 1024 * 1024
+TOP_PAD = 64 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds; True if applied (elsewhere than glibc, no
+    change)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(
+        mallopt(option, value) == 1
+        for option, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD),
+        )
+    )
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the platform's word elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_native_bf16() -> bool:
+    """Whether oneDNN computes bf16 in hardware here: AMX or AVX512-BF16 on x86 (and
+    not switched off by ONEDNN_MAX_CPU_ISA), bf16 instructions on ARM. torch's own check
+    (`_is_mkldnn_bf16_supported`) also says yes on plain AVX-512, where bf16 is
+    emulated, so the flags decide."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    flags = cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64"):
+        limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        allowed = limit == "ALL" or "BF16" in limit or "AMX" in limit
+        return allowed and bool(flags & {"amx_bf16", "avx512_bf16"})
+    return "bf16" in flags or not flags
+
+
+def bf16_on_gpu() -> bool:
+    """Native bf16 (Ampere and later). Older GPUs only emulate it, slower than fp32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def native_bf16(device: torch.device) -> bool:
+    return bf16_on_gpu() if device.type == "cuda" else cpu_native_bf16()
+
+
+def pick_device(name: str) -> torch.device:
+    """The device of `train.device`. A GPU is named by its index: the current device,
+    which Ray Train sets to the worker's own GPU (so workers sharing a node don't all
+    land on GPU 0)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda but no GPU is visible to torch; use train.device=auto or cpu"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def available_cpus(allotted: float | None = None) -> int:
+    """Threads for this process: a Ray worker's CPU allotment (`allotted`), else the CPUs
+    it may run on, within its cgroup's CPU quota."""
+    if allotted is not None:
+        return max(1, int(allotted))
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    return count or 1
+
+
+def precisions(precision: str, device: torch.device, allow_slow: bool) -> list[str]:
+    """The precisions `train.precision` allows on `device`, preferred first."""
+    native = native_bf16(device)
+    if precision == "bf16" and not native:
+        if device.type == "cuda":
+            raise ConfigError(
+                f"train.precision: bf16 but {device_name(device)} has no native bf16; use "
+                "train.precision=auto (fp32 there) or fp32"
+            )
+        if not allow_slow:
+            raise ConfigError(
+                f"train.precision: bf16 but this CPU ({cpu_name()}, "
+                f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16, so bf16 runs "
+                f"about {EMULATED_BF16_SLOWDOWN} slower than fp32 here; use "
+                "train.precision=auto (or set train.allow_slow_precision=true to test that path)"
+            )
+    if precision == "auto":
+        return ["bf16" if native else "fp32"]
+    return [precision]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One way to compute a step: what the probe times and the runtime applies."""
+
+    precision: str  # "bf16" (autocast) or "fp32"
+    channels_last: bool
+
+    def __str__(self) -> str:
+        return f"{self.precision}{' + channels_last' if self.channels_last else ''}"
+
+
+def candidates(train: TrainConfig, device: torch.device) -> list[Execution]:
+    """Every execution the config allows on `device`, the rule's choice first."""
+    layouts = [True, False] if train.channels_last == "auto" else [train.channels_last]
+    allowed = precisions(train.precision, device, train.allow_slow_precision)
+    return [Execution(p, c) for p in allowed for c in layouts]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The run's own work, to time each candidate execution on: `step(runtime)` runs
+    one forward and backward pass under `runtime`; `shape` names what it computes
+    (method, backbone, episode shape), part of the cache key."""
+
+    shape: str
+    step: Callable[[Runtime], None]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed, and how that was decided."""
+
+    device: torch.device
+    execution: Execution
+    threads: int
+    chosen_by: str = "rule"  # config | rule | probe | cache
+    speeds: tuple[tuple[str, float], ...] = ()  # the probe's steps/s per candidate
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        """The autocast dtype, None for fp32."""
+        return torch.bfloat16 if self.execution.precision == "bf16" else None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.execution.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def with_execution(self, execution: Execution) -> Runtime:
+        return Runtime(self.device, execution, self.threads, self.chosen_by, self.speeds)
+
+    @classmethod
+    def of(cls, train: TrainConfig, cpus: float | None = None, probe: Probe | None = None):
+        """The runtime of `train` (the config's `train` section); applies the thread
+        count (a process-wide setting). `cpus`: a Ray worker's CPU allotment."""
+        threads = train.threads or available_cpus(cpus)
+        torch.set_num_threads(threads)
+        keep_freed_memory()
+        device = pick_device(train.device)
+        options = candidates(train, device)
+        if len(options) == 1:
+            explicit = train.precision != "auto" and train.channels_last != "auto"
+            return cls(device, options[0], threads, "config" if explicit else "rule")
+        if probe is None:
+            return cls(device, options[0], threads, "rule")
+        return choose(cls(device, options[0], threads), options, probe)
+
+    def params(self) -> dict[str, str]:
+        """The choice as run params (`runtime.*`)."""
+        return {
+            "runtime.device": device_name(self.device),
+            "runtime.device_type": self.device.type,
+            "runtime.precision": self.execution.precision,
+            "runtime.memory_format": "channels_last" if self.execution.channels_last else "nchw",
+            "runtime.threads": str(self.threads),
+            "runtime.cpu": cpu_name(),
+            "runtime.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "runtime.native_bf16": str(native_bf16(self.device)).lower(),
+            "runtime.chosen_by": self.chosen_by,
+        }
+
+    def line(self) -> str:
+        """The choice in one line, printed when training starts."""
+        native = "native bf16" if native_bf16(self.device) else "no native bf16"
+        where = f"{device_name(self.device)} ({torch.backends.cpu.get_cpu_capability()}, {native})"
+        if self.device.type == "cuda":
+            where = f"{device_name(self.device)} ({native})"
+        why = self.chosen_by
+        if self.speeds:
+            why += ": " + ", ".join(f"{name} {speed:.1f}" for name, speed in self.speeds)
+            why += " steps/s"
+        return f"runtime: {where}, {self.execution}, {self.threads} threads ({why})"
+
+
+def fingerprint(runtime: Runtime, shape: str) -> str:
+    """What a probe's answer depends on: the machine, torch, threads and the work."""
+    parts = [
+        device_name(runtime.device),
+        torch.backends.cpu.get_cpu_capability(),
+        str(native_bf16(runtime.device)),
+        torch.__version__,
+        str(runtime.threads),
+        shape,
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+    """$FEWSHOT_CACHE_DIR/runtime.json, else ~/.cache/fewshot/runtime.json."""
+    root = os.environ.get("FEWSHOT_CACHE_DIR") or Path.home() / ".cache" / "fewshot"
+    return Path(root) / "runtime.json"
+
+
+def read_cache() -> dict:
+    try:
+        cache = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: probe again and rewrite it
+    return cache if isinstance(cache, dict) else {}
+
+
+def write_cache(key: str, entry: dict) -> None:
+    """Add one answer; atomic, so concurrent runs leave a whole file either way."""
+    path = cache_path()
+    cache = {**read_cache(), key: entry}
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def steps_per_second(step: Callable[[], None]) -> float:
+    """Timed calls of `step` after one untimed warm-up call (which builds the kernels):
+    `PROBE_STEPS` of them, or fewer once `PROBE_SECONDS` have passed. The fastest call
+    counts: contention from other processes only ever slows a call down."""
+    step()
+    fastest, started = float("inf"), time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        begin = time.perf_counter()
+        step()
+        fastest = min(fastest, time.perf_counter() - begin)
+        if time.perf_counter() - started > PROBE_SECONDS:
+            break
+    return 1.0 / fastest
+
+
+def choose(base: Runtime, options: list[Execution], probe: Probe) -> Runtime:
+    """The fastest of `options` on `probe`, from the cache when this machine has timed
+    this shape before."""
+    key = fingerprint(base, probe.shape)
+    cached = read_cache().get(key)
+    if cached:
+        known = {str(o): o for o in options}
+        if cached.get("choice") in known:
+            speeds = tuple((name, float(s)) for name, s in cached.get("speeds", []))
+            return Runtime(base.device, known[cached["choice"]], base.threads, "cache", speeds)
+    speeds = []
+    with fork_rng(base.device):  # the probe leaves the run's random streams as they were
+        for option in options:
+            runtime = base.with_execution(option)
+            speeds.append((str(option), steps_per_second(lambda r=runtime: probe.step(r))))
+    best = max(range(len(options)), key=lambda i: speeds[i][1])
+    write_cache(key, {"choice": str(options[best]), "speeds": speeds, "shape": probe.shape})
+    return Runtime(base.device, options[best], base.threads, "probe", tuple(speeds))
+
+
+@contextlib.contextmanager
+def fork_rng(device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def module_probe(module: torch.nn.Module, shape: str, loss: Callable) -> Probe:
+    """A probe that runs `loss(copy, runtime)` and its backward pass on a copy of
+    `module` (so batch-norm statistics and weights of the real one stay untouched),
+    moved to each candidate's device and memory format."""
+    copies: list[torch.nn.Module] = []  # made at the first step: most runs never probe
+
+    def step(runtime: Runtime) -> None:
+        if not copies:
+            copies.append(copy.deepcopy(module))
+        twin = copies[0].to(runtime.device, memory_format=runtime.memory_format)
+        twin.zero_grad(set_to_none=True)
+        with runtime.autocast():
+            total = loss(twin, runtime)
+        total.backward()
+
+    return Probe(shape, step)
