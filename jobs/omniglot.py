@@ -9,6 +9,12 @@ its last checkpoint, and a model already trained, registered or promoted is not 
 
 OMNIGLOT_DIR: the folder with images_background_small{1,2}.zip (default:
 ../shared/datasets/omniglot). Extra arguments are overrides: `train.steps=2000`.
+
+OMNIGLOT_TRAIN_MINUTES (default 40): the training budget. The job times a few steps
+first, and on a machine too slow for the recipe's steps in that time it trains fewer,
+with the schedule scaled to match (fewshot/train/budget.py), so the whole job stays
+under an hour on any CPU. The decision is kept in the run's config, so a resumed run
+trains to the same step count.
 """
 
 import os
@@ -19,13 +25,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from rich.console import Console  # noqa: E402
 
-from fewshot.config import load_config  # noqa: E402
+from fewshot.config import Config, load_config, read_yaml  # noqa: E402
 from fewshot.data.sources import omniglot  # noqa: E402
 from fewshot.errors import DataError, FewShotError  # noqa: E402
 from fewshot.registry.gate import promote  # noqa: E402
 from fewshot.registry.versions import CHAMPION, alias_version, connect, register  # noqa: E402
+from fewshot.train.budget import fit_to_budget, scaled_to  # noqa: E402
+from fewshot.train.runner import train  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "omniglot.yaml"
+
+
+def within_budget(config: Config, run_dir: Path, console: Console) -> Config:
+    """The config to train: scaled to OMNIGLOT_TRAIN_MINUTES on this machine, or, for a
+    run started before, to the step count it started with."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():  # decided when the run started; a resumed run keeps it
+        steps = read_yaml(saved).get("train", {}).get("steps", config.train.steps)
+        return config if steps == config.train.steps else scaled_to(config, steps)
+    minutes = float(os.environ.get("OMNIGLOT_TRAIN_MINUTES", "40"))
+    budget = fit_to_budget(config, minutes)
+    console.print(budget.summary(), highlight=False)
+    return budget.config
 
 
 def main(overrides: list[str]) -> None:
@@ -48,8 +69,7 @@ def main(overrides: list[str]) -> None:
         console.print(f"[bold]2/3[/] trained already: {run_dir / 'model.pt'}")
     else:
         console.print(f"[bold]2/3[/] train {config.name} (resumes from its last checkpoint)")
-        from fewshot.train.runner import train
-
+        config = within_budget(config, run_dir, console)
         train(config, progress=True)  # a bar on a terminal, else a line every 5%
 
     client = connect(config.tracking.uri)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import platform as stdlib_platform
 from pathlib import Path
+
+import torch
+
+from fewshot.runtime import cpu_name, cpu_native_bf16
 
 
 def machine() -> str:
-    """One line naming what the figures were measured on."""
-    import torch
-
-    cpu = stdlib_platform.processor() or stdlib_platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """One line naming what the figures were measured on: the processor, what it can
+    compute (torch's CPU capability, native bf16 or not), the GPU and torch."""
+    bf16 = "native bf16" if cpu_native_bf16() else "no native bf16"
+    cpu = f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}"
 

@@ -4,7 +4,7 @@ Every contender trains conv4 on the same Omniglot split with the same episode si
 (20-way 1-shot 5 queries, 28x28 by default), the same thread count and the same
 number of episodes:
 
-- our ProtoNet (its fast path: bf16 autocast + channels_last, and plain fp32) against
+- our ProtoNet (what `auto` picks on this machine, and fp32 where that differs) against
   easyfsl's `PrototypicalNetworks` with its `TaskSampler` and a DataLoader, as its
   README trains it. easyfsl 1.5.0 calls `Sampler.__init__(data_source=None)`, which
   torch 2.14 refuses; `easyfsl_sampler_shim` gives `Sampler.__init__` a signature that
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
@@ -40,7 +41,8 @@ from fewshot.data.sources import omniglot
 from fewshot.data.store import ImageSet, load_split, normalise
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import build_method
-from fewshot.train.loop import Runtime, Worker
+from fewshot.runtime import Runtime
+from fewshot.train.loop import Worker
 
 
 def per_second(step: Callable[[], object], count: int, warmup: int = 3) -> float:
@@ -53,7 +55,9 @@ def per_second(step: Callable[[], object], count: int, warmup: int = 3) -> float
     return count / (time.perf_counter() - started)
 
 
-def bench_config(store: Path, method: str, fast: bool, n_way: int, size: int, threads: int):
+def bench_config(store: Path, method: str, n_way: int, size: int, threads: int, *execution):
+    """The benchmark's config for `method`; `execution` pins train.precision and friends
+    (none: what `auto` picks on this machine)."""
     return load_config(
         None,
         [
@@ -68,10 +72,9 @@ def bench_config(store: Path, method: str, fast: bool, n_way: int, size: int, th
             "episode.q_query=5",
             "episode.meta_batch=1",
             f"train.threads={threads}",
-            f"train.precision={'bf16' if fast else 'fp32'}",
-            f"train.channels_last={str(fast).lower()}",
             # ProtoNet at the temperature of the Omniglot recipe (benchmarks/results/omniglot.md)
             "method.inner_steps=1" if method == "maml" else "method.temperature=8.0",
+            *execution,
         ],
     )
 
@@ -82,8 +85,9 @@ def ours(config: Config, episodes: int) -> tuple[float, Worker]:
     return per_second(worker.train_step, episodes), worker
 
 
-def bare(config: Config, episodes: int) -> float:
-    """Episodes/s of the method alone: loss, backward and Adam on one pre-made episode."""
+def bare(config: Config, episodes: int) -> tuple[float, int]:
+    """(episodes/s of the method alone: loss, backward and Adam on one pre-made episode,
+    floating-point operations of one such step as torch's FLOP counter counts them)."""
     worker = Worker(config)
     episode = worker.to_device(worker.sampler.episode(TRAIN, 0, 0))
     method, optimizer = worker.method, worker.optimizer
@@ -96,7 +100,26 @@ def bare(config: Config, episodes: int) -> float:
         loss.total.backward()
         optimizer.step()
 
-    return per_second(step, episodes)
+    speed = per_second(step, episodes)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return speed, counter.get_total_flops()
+
+
+def peak_flops(runtime: Runtime, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` square matrix products in the runtime's
+    precision: the machine's practical peak, which the step's FLOP/s are measured
+    against (a GEMM this large runs at the best speed the CPU's vector units or AMX
+    tiles reach)."""
+    dtype = runtime.amp or torch.float32
+    a = torch.randn(size, size, device=runtime.device).to(dtype)
+    b = torch.randn(size, size, device=runtime.device).to(dtype)
+    fastest = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        fastest = min(fastest, time.perf_counter() - started)
+    return 2 * size**3 / fastest
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -254,7 +277,7 @@ def accuracy_on_test(model, config: Config, episodes: int) -> Accuracy:
     images = load_split(config.data.path, config.data.test_split, config.data.image_size)
     e = config.episode
     sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
-    runtime = Runtime.of(config)
+    runtime = Runtime.of(config.train)
     return mean_ci(episode_accuracies(model, sampler.fixed_episodes(episodes, 0, TEST), runtime))
 
 
@@ -272,55 +295,69 @@ def run(
     store = workdir / "omniglot"
     convert = conversion_speed(zips)
     omniglot.prepare(zips, store)
+    fp32 = ("train.precision=fp32",)
     configs = {
-        (method, fast): bench_config(store, method, fast, n_way, size, threads)
+        (method, execution): bench_config(store, method, n_way, size, threads, *pinned)
         for method in ("protonet", "maml")
-        for fast in (True, False)
+        for execution, pinned in (("auto", ()), ("fp32", fp32))
     }
-    fast_proto = configs["protonet", True]
+    chosen = Worker(configs["protonet", "auto"]).runtime  # probes, and caches the answer
+    executions = ["auto"] if chosen.execution.precision == "fp32" else ["auto", "fp32"]
+    label = {"auto": f"auto = {chosen.execution}", "fp32": "fp32"}
     rows: list[dict] = []
 
-    def add(name: str, value: float | None, unit: str, note: str = "") -> None:
-        rows.append({"name": name, "value": value, "unit": unit, "note": note})
+    def add(name: str, value: float | None, unit: str, note: str = "", peak: str = "") -> None:
+        rows.append({"name": name, "value": value, "unit": unit, "peak": peak, "note": note})
 
-    add("sampler alone", sampler_speed(fast_proto, 20 * episodes), "episodes/s", "target >= 1000")
+    peak = peak_flops(chosen)
+    add("machine", None, "", machine())
+    add("chosen execution (train.precision/channels_last/threads: auto)", None, "", chosen.line())
+    add(
+        f"peak: {2048}x{2048} matrix product, {chosen.execution.precision}",
+        peak / 1e9,
+        "GFLOP/s",
+        "the reference for the % of peak column",
+    )
+    add("sampler alone", sampler_speed(configs["protonet", "auto"], 20 * episodes), "episodes/s")
     add("conversion (omniglot zips -> store)", convert, "images/s")
-    # The peers first: our runtime changes process-wide settings (train/allocator.py) that
+    # The peers first: our runtime changes process-wide settings (keep_freed_memory) that
     # their users would not have.
-    peer = easyfsl(configs["protonet", False], episodes)
-    l2l = l2l_maml(configs["maml", False], episodes // 3)
+    peer = easyfsl(configs["protonet", "fp32"], episodes)
+    l2l = l2l_maml(configs["maml", "fp32"], episodes // 3)
     speeds, models = {}, {}
-    for fast in (True, False):
-        speeds[fast], worker = ours(configs["protonet", fast], episodes)
-        models[fast] = worker.method
-        precision = "bf16 + channels_last" if fast else "fp32"
-        add(f"ours: ProtoNet, {precision}", speeds[fast], "episodes/s")
-        bare_speed = bare(configs["protonet", fast], episodes)
-        overhead = 100 * (bare_speed / speeds[fast] - 1)
+    for execution in executions:
+        config = configs["protonet", execution]
+        speeds[execution], worker = ours(config, episodes)
+        models[execution] = worker.method
+        bare_speed, flops = bare(config, episodes)
+        share = f"{100 * speeds[execution] * flops / peak:.1f}% ({flops / 1e9:.2f} GFLOP/episode)"
+        add(f"ours: ProtoNet, {label[execution]}", speeds[execution], "episodes/s", peak=share)
+        overhead = 100 * (bare_speed / speeds[execution] - 1)
         add(
-            f"bare ProtoNet step, {precision}",
+            f"bare ProtoNet step, {label[execution]}",
             bare_speed,
             "episodes/s",
             f"our loop's overhead {overhead:+.1f}% (target within 10%)",
+            f"{100 * bare_speed * flops / peak:.1f}%",
         )
     if peer is None:
         add("easyfsl PrototypicalNetworks", None, "episodes/s", "easyfsl not installed")
     else:
+        ratios = ", ".join(f"{speeds[e] / peer[0]:.2f}x ({label[e]})" for e in executions)
         add(
             "easyfsl PrototypicalNetworks + TaskSampler, fp32",
             peer[0],
             "episodes/s",
-            f"ours is {speeds[True] / peer[0]:.2f}x (fast), {speeds[False] / peer[0]:.2f}x (fp32)",
+            f"ours is {ratios}",
         )
-    maml_fast = ours(configs["maml", True], episodes // 3)[0]
-    maml_fp32 = ours(configs["maml", False], episodes // 3)[0]
-    add(
-        "ours: MAML (2nd order, 1 inner step), bf16 + channels_last",
-        maml_fast,
-        "episodes/s",
-        f"{maml_fast / l2l:.2f}x the learn2learn-style loop",
-    )
-    add("ours: MAML, fp32", maml_fp32, "episodes/s", f"{maml_fp32 / l2l:.2f}x")
+    for execution in executions:
+        maml = ours(configs["maml", execution], episodes // 3)[0]
+        add(
+            f"ours: MAML (2nd order, 1 inner step), {label[execution]}",
+            maml,
+            "episodes/s",
+            f"{maml / l2l:.2f}x the learn2learn-style loop",
+        )
     add(
         "learn2learn-style MAML (clone/adapt), fp32",
         l2l,
@@ -328,12 +365,12 @@ def run(
         "learn2learn 0.2.0 does not build on Python 3.11: faithful re-implementation",
     )
     accuracy = {
-        "ours, bf16 + channels_last": accuracy_on_test(models[True], fast_proto, test_episodes),
-        "ours, fp32": accuracy_on_test(models[False], configs["protonet", False], test_episodes),
+        f"ours, {label[e]}": accuracy_on_test(models[e], configs["protonet", e], test_episodes)
+        for e in executions
     }
     if peer is not None:
         accuracy["easyfsl"] = accuracy_on_test(
-            EasyFSLPredictor(peer[1]), configs["protonet", False], test_episodes
+            EasyFSLPredictor(peer[1]), configs["protonet", "fp32"], test_episodes
         )
     write(out, rows, accuracy, episodes, n_way, size, threads)
     return rows
@@ -341,7 +378,13 @@ def run(
 
 def write(out: Path, rows, accuracy, episodes, n_way, size, threads) -> None:
     table = [
-        [r["name"], "-" if r["value"] is None else f"{r['value']:.1f}", r["unit"], r["note"]]
+        [
+            r["name"],
+            "-" if r["value"] is None else f"{r['value']:.1f}",
+            r["unit"],
+            r["peak"],
+            r["note"],
+        ]
         for r in rows
     ]
     write_table(
@@ -350,9 +393,11 @@ def write(out: Path, rows, accuracy, episodes, n_way, size, threads) -> None:
         f"conv4, {n_way}-way 1-shot 5 queries, {size}x{size} Omniglot (small1), "
         f"{threads} threads, {episodes} timed training episodes per contender (MAML: a "
         f"third), after 3 warm-up ones; the same machine in one run. The peers run first, "
-        "with glibc's default allocator; ours then keeps freed memory "
-        f"(train/allocator.py). Machine: {machine()}.",
-        ["contender", "speed", "unit", "note"],
+        "with glibc's default allocator; ours then keeps freed memory (runtime.py). "
+        "% of peak: the step's FLOPs (torch's FLOP counter, forward and backward) times "
+        "episodes/s, over the FLOP/s of a large matrix product in the same precision "
+        f"measured in the same run. Machine: {machine()}.",
+        ["contender", "speed", "unit", "% of peak", "note"],
         table,
     )
     lines = [
