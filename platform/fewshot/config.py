@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
 
 class Section(BaseModel):
@@ -200,7 +203,7 @@ class DistributedConfig(Section):
 
 
 class Config(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = "run"  # the run's directory, train.output_dir/NAME: see _directory_name
     seed: int = 0
     data: DataConfig = DataConfig()
     episode: EpisodeConfig = EpisodeConfig()
@@ -214,6 +217,19 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _directory_name(cls, value: str) -> str:
+        # `.` or `..` would make runs/NAME the output directory or its parent, which
+        # --restart deletes; a long name fails deep inside the file system or MLflow.
+        if not RUN_NAME.fullmatch(value):
+            raise PydanticCustomError(
+                "run_name",
+                "use 1 to 100 letters, digits, _, - and ., not starting with . "
+                "(it names the run's directory)",
+            )
+        return value
 
     def eval_episode(self) -> EpisodeConfig:
         """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""
@@ -250,11 +266,17 @@ def _describe(error: dict[str, Any]) -> str:
     return error["msg"][0].lower() + error["msg"][1:]
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _raise(exc: ValidationError, prefix: str = "") -> None:
     first = exc.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_quote(value)})"
     raise ConfigError(f"{prefix}{path}: {_describe(first)}{shown}") from None
 
 

@@ -83,7 +83,16 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         hint = "it is not a prepared dataset" if root.exists() else "it does not exist"
         raise DataError(f"dataset {root}: {hint}; run `fewshot data prepare ...` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSON or UTF-8 errors are ValueErrors
+        raise DataError(
+            f"{path}: not a readable manifest ({type(exc).__name__}); the store is "
+            "corrupt, prepare it again with --overwrite"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a dataset manifest; prepare the store again with --overwrite")
+    return manifest
 
 
 def existing_store(out: Path, checksum: str, overwrite: bool) -> bool:
@@ -424,13 +433,43 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def _iter_tables(root: Path, split: str) -> Iterator[pa.Table]:
+def _iter_tables(root: Path, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     directory = root / f"split={split}"
     parts = sorted(directory.glob("part-*.parquet"))
     if not parts:
-        raise DataError(f"dataset {root} has no split {split!r}; see `fewshot data info {root}`")
+        raise DataError(
+            f"dataset {root}: split {split!r} has no parquet files; prepare the store again "
+            "with --overwrite"
+        )
     for part in parts:
-        yield pq.read_table(part)
+        try:
+            yield pq.read_table(part, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{part}: not a readable parquet file ({type(exc).__name__}); the store is "
+                "truncated or corrupt, prepare it again with --overwrite"
+            ) from None
+
+
+def split_census(root: str | Path, split: str) -> tuple[list[int], dict[str, int]]:
+    """Images per class, and classes per group, of a split, read from its label and group
+    columns only (no image is read): enough to know before training whether the split can
+    give the episodes a config asks for. Also reads every part, so a missing or truncated
+    file is found now."""
+    require_splits(root, [split])
+    root = Path(root)
+    groups: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for table in _iter_tables(root, split, ["label", "group"]):
+        for label, group in zip(
+            table.column("label").to_pylist(), table.column("group").to_pylist(), strict=True
+        ):
+            counts[label] = counts.get(label, 0) + 1
+            groups.setdefault(label, group)
+    per_group: dict[str, int] = {}
+    for group in groups.values():
+        per_group[group] = per_group.get(group, 0) + 1
+    return [counts[label] for label in sorted(counts)], per_group
 
 
 def _check_splits(root: Path, manifest: dict, names: list[str]) -> None:
@@ -441,6 +480,12 @@ def _check_splits(root: Path, manifest: dict, names: list[str]) -> None:
                 f"dataset {root} has no split {name!r}; it has {sorted(known)} "
                 "(set data.train_split / data.test_split)"
             )
+
+
+def require_splits(root: str | Path, names: list[str]) -> None:
+    """Refuse a store that is missing, unreadable or lacks one of the splits `names`."""
+    root = Path(root)
+    _check_splits(root, read_manifest(root), names)
 
 
 def decoded_bytes(root: str | Path, splits: list[str], image_size: int) -> int:

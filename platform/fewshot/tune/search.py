@@ -389,21 +389,19 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
 
 def checkpoint_model(path: str) -> dict:
     """The model file inside a Train checkpoint of `worker_loop`."""
-    import torch
+    from fewshot.train.distributed import load_state
 
-    from fewshot.train.distributed import STATE
-
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)["model"]
+    return load_state(path)["model"]
 
 
 def best_model(row: dict[str, Any], search_dir: Path) -> dict:
     """The best trial's model file: its final model, or its last checkpoint's if the
     scheduler stopped it early."""
-    import torch
+    from fewshot.safety import load_weights
 
     final = search_dir / row["trial"] / "model.pt"
     if final.is_file():
-        return torch.load(final, map_location="cpu", weights_only=False)
+        return load_weights(final, "a trial's model file")
     if not row["checkpoint_path"]:
         raise FewShotError(f"trial {row['trial']} left no model and no checkpoint")
     return checkpoint_model(row["checkpoint_path"])
