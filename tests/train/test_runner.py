@@ -131,3 +131,16 @@ def test_a_truncated_checkpoint_is_one_line_and_kept(workdir, synthetic_store):
     with pytest.raises(CheckpointError, match="checkpoint.pt: not a readable weights file"):
         train(cfg)
     assert (run_dir / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("episodes", [-3, 0])
+def test_a_count_of_episodes_below_one_is_refused_not_replaced(synthetic_store, episodes):
+    from fewshot.methods import build_method
+    from fewshot.registry.gate import GateEpisodes
+
+    cfg = config(synthetic_store)
+    message = f"--episodes {episodes}: score at least 1 test episode"
+    with pytest.raises(ConfigError, match=message):
+        evaluate_method(build_method(cfg, 1), cfg, episodes)
+    with pytest.raises(ConfigError, match=message):  # what `fewshot promote --episodes` sets
+        GateEpisodes.of(cfg, None, None, episodes)

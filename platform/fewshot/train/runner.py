@@ -28,7 +28,7 @@ from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.data.episodes import TEST, EpisodeSampler
 from fewshot.data.store import load_split, require_splits, split_census
 from fewshot.errors import CheckpointError, ConfigError, DataError
-from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.safety import load_weights, remove_inside
 from fewshot.tracking import Tracker, download_artifact
@@ -132,7 +132,8 @@ def evaluate_method(
     sampler = EpisodeSampler(
         test, e.n_way, e.k_shot, e.q_query, within_group=config.eval_within_group()
     )
-    fixed = sampler.fixed_episodes(episodes or config.evaluate.episodes, config.evaluate.seed, TEST)
+    count = episode_count(episodes, config.evaluate.episodes)
+    fixed = sampler.fixed_episodes(count, config.evaluate.seed, TEST)
     return mean_ci(episode_accuracies(method, fixed, runtime))
 
 
