@@ -359,11 +359,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (ConfigError naming the file otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass --config PATH to a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax") from None

@@ -51,7 +51,7 @@ def remove_inside(path: str | Path, root: str | Path) -> None:
     target = path.resolve()
     if path.is_symlink() or root.resolve() not in target.parents:
         raise CheckpointError(
-            f"refusing to delete {path}: it resolves to {target}, which is not a directory "
-            f"inside {root}; check the run name and train.output_dir"
+            f"refusing to delete {path}: it resolves to {target}, which is not inside "
+            f"{root}; nothing was deleted, check the name and the output directory"
         )
     shutil.rmtree(target, ignore_errors=True)

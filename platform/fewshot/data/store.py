@@ -13,6 +13,7 @@ source twice is a no-op (the source checksum is in the manifest).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -29,8 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from fewshot.errors import DataError
+from fewshot.safety import remove_inside
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -95,10 +98,33 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Delete what conversions into `out` that were killed left behind (a staging or
+    swapped-out directory whose process is gone); a running conversion's is kept."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = stale.name.removeprefix(f".{out.name}.").partition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            remove_inside(stale, out.parent)
+
+
 def existing_store(out: Path, checksum: str, overwrite: bool) -> bool:
-    """True when `out` already holds this source; refuses to clobber another one."""
+    """True when `out` already holds this source; refuses to clobber another one. Every
+    conversion starts here, so it also clears what killed ones left."""
+    remove_stale_staging(out)
     if not out.exists():
         return False
+    if not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
     if not (out / MANIFEST).is_file():
         if any(out.iterdir()):
             raise DataError(f"{out} exists and is not a dataset; choose another --out")
@@ -207,13 +233,35 @@ def _normalisation(examples: list[Example], info: SourceInfo) -> tuple[list, lis
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
 
 
+# What PIL raises for bytes that are not a decodable image of a sane size.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open (header only), refusing more pixels than Image.MAX_IMAGE_PIXELS: PIL
+    itself only warns below twice that, and the pixels would be decoded. A server lowers
+    the limit to its own setting (serve/limits.py)."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise DecompressionBombError(
+            f"{width}x{height} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} (max_pixels)"
+        )
+    return image
+
+
 def check_image(data: bytes, where: str) -> None:
-    """Refuse bytes that PIL cannot decode, naming the file."""
+    """Refuse bytes that PIL cannot decode, naming the file: `verify` checks the chunks'
+    checksums, `load` decodes the pixels, which a PNG with valid checksums can still fail."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"{where}: not a readable image ({exc}); remove or replace it") from None
+        with open_image(data) as image:
+            image.load()
+    except IMAGE_ERRORS as exc:
+        reason = str(exc)[:200] or type(exc).__name__
+        raise DataError(f"{where}: not a readable image ({reason}); remove or replace it") from None
 
 
 # ---------------------------------------------------------------------------------
@@ -411,7 +459,7 @@ class ImageSet:
 
 def decode_image(data: bytes, size: int, channels: int, invert: bool) -> np.ndarray:
     """Encoded bytes -> uint8 [C, size, size] (antialiased resize)."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             # Transparent pixels are paper: composite onto white before dropping alpha.
             rgba = image.convert("RGBA")
