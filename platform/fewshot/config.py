@@ -17,15 +17,38 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+
+def _directory_name(value: str) -> str:
+    # `.` or `..` would make output_dir/NAME the output directory or its parent, which
+    # --restart deletes; a long name fails deep inside the file system or MLflow.
+    if not RUN_NAME.fullmatch(value):
+        raise PydanticCustomError(
+            "run_name",
+            "use 1 to 100 letters, digits, _, - and ., not starting with . "
+            "(it names the run's directory)",
+        )
+    return value
+
+
+# The name of a run or a search: a directory under train.output_dir, and Ray's.
+RunName = Annotated[str, AfterValidator(_directory_name)]
 
 
 class Section(BaseModel):
@@ -203,7 +226,7 @@ class DistributedConfig(Section):
 
 
 class Config(Section):
-    name: str = "run"  # the run's directory, train.output_dir/NAME: see _directory_name
+    name: RunName = "run"
     seed: int = 0
     data: DataConfig = DataConfig()
     episode: EpisodeConfig = EpisodeConfig()
@@ -217,19 +240,6 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     registry: RegistryConfig = RegistryConfig()
-
-    @field_validator("name")
-    @classmethod
-    def _directory_name(cls, value: str) -> str:
-        # `.` or `..` would make runs/NAME the output directory or its parent, which
-        # --restart deletes; a long name fails deep inside the file system or MLflow.
-        if not RUN_NAME.fullmatch(value):
-            raise PydanticCustomError(
-                "run_name",
-                "use 1 to 100 letters, digits, _, - and ., not starting with . "
-                "(it names the run's directory)",
-            )
-        return value
 
     def eval_episode(self) -> EpisodeConfig:
         """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""

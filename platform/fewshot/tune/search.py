@@ -234,9 +234,11 @@ def run_search(
     import ray.tune
 
     from fewshot.train.distributed import check_resources, connect, storage_path
+    from fewshot.train.runner import check_test_split
 
     spec, resuming = locate(Path(tune_file) if tune_file else None, overrides, resume)
     base = spec.base_config()
+    check_test_split(base)  # the best config is tested on it: know now, not after the search
     connect(base.distributed.address, dashboard=True)
     check_resources(base)
     search_dir = spec.search_dir()
