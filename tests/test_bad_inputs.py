@@ -71,6 +71,25 @@ def test_a_bad_png_is_named_and_no_store_is_written(tmp_path, bad, name):
     assert [p.name for p in tmp_path.iterdir()] == ["tree"]  # no staging directory left
 
 
+def test_a_bomb_in_an_omniglot_zip_is_named(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "images_background_small1.zip", "w") as archive:
+        for c in range(5):
+            for i in range(2):
+                member = f"images_background_small1/Script/character{c:02d}/{i}.png"
+                archive.writestr(member, good_png(10 * c + i))
+        archive.writestr("images_background_small1/Script/character09/0.png", BOMB)
+    args = ["--out", "omni", "--from-zip", "images_background_small1.zip", "--partial"]
+    result = fewshot("data", "prepare", "omniglot", *args, cwd=tmp_path)
+    one_line_error(
+        result,
+        "images_background_small1.zip:images_background_small1/Script/character09/0.png: "
+        "not a readable image (",
+    )
+    assert not (tmp_path / "omni").exists()
+
+
 @pytest.mark.parametrize(("bad", "name"), [(BOMB, "bomb"), (CORRUPT, "corrupt")])
 def test_predict_names_the_bad_query_file(tmp_path, bad, name):
     for label in ("a", "b"):

@@ -333,7 +333,13 @@ class EncodedImages:
     def decode(self, i: int) -> np.ndarray:
         start, end = self.spans[i]
         data = self.blobs[start:end].tobytes()
-        return decode_image(data, self.size, self.channels, self.invert)
+        try:
+            return decode_image(data, self.size, self.channels, self.invert)
+        except IMAGE_ERRORS as exc:  # a store written before prepare decoded every image
+            raise DataError(
+                f"image {i} of the loaded split cannot be decoded ({str(exc)[:120]}); "
+                "prepare the store again with --overwrite, which names the bad file"
+            ) from None
 
     def _decode_into(self, index: np.ndarray, pool: ThreadPoolExecutor) -> torch.Tensor:
         out = np.empty((len(index), self.channels, self.size, self.size), dtype=np.uint8)
