@@ -119,14 +119,13 @@ def test_resume_refuses_a_checkpoint_that_runs_code(workdir, tiny_config, evil):
 
 
 def test_register_refuses_a_logged_model_that_runs_code(workdir, evil):
-    from fewshot.registry.versions import register
+    from fewshot.registry.versions import current, register
 
     path, marker = evil
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
     model = path.with_name("model.pt")
     os.replace(path, model)
-    with mlflow.start_run() as run:  # a finished run, as a training run logs its model
+    with current(uri), mlflow.start_run() as run:  # finished, as a training run logs its model
         mlflow.log_metric("test_acc", 0.9)
         mlflow.log_artifact(str(model), "model")
     with pytest.raises(CheckpointError, match="model.pt: refused, it holds code"):
