@@ -59,6 +59,7 @@ def test_prepare_lists_every_converter():
         (["train", "--set", "episode.n_way=1"], "error: episode.n_way: must be >= 2 (got 1)"),
         (["train", "--set", "trian.steps=3"], "error: trian: unknown key"),
         (["train", "--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
+        (["train", "--config", "."], "error: config file . is a directory"),
         (["data", "info", "nowhere"], "error: dataset nowhere: it does not exist"),
         (
             ["data", "prepare", "omniglot", "--out", "o", "--from-zip", "x.zip"],
@@ -116,6 +117,7 @@ def test_prepare_info_train_evaluate(tmp_path, omniglot_zips):
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr
+    assert "train 2/2" in trained.stderr  # progress lines also when the output is not a terminal
     assert (tmp_path / "runs" / "cli" / "model.pt").is_file()
     evaluated = fewshot(
         "evaluate",

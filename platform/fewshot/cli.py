@@ -316,7 +316,8 @@ def train(
         return
     from fewshot.train.runner import evaluation_row, train
 
-    result = train(cfg, restart=restart, progress=sys.stderr.isatty())
+    # Progress shows as a bar on a terminal and as plain lines in a log (ray job logs, CI).
+    result = train(cfg, restart=restart, progress=True)
     console.print(_accuracy_table([evaluation_row(cfg, result.test)], f"run {cfg.name}"))
     _where(result.run_dir, result.run_id, cfg.tracking.uri)
     if cfg.registry.register:
@@ -390,7 +391,7 @@ def demo(
         f"[bold]2/3[/] train: {cfg.method.name} {cfg.backbone.name}, "
         f"{cfg.episode.n_way}-way {cfg.episode.k_shot}-shot, {cfg.train.steps} steps"
     )
-    result = train(cfg, restart=True, progress=sys.stderr.isatty())
+    result = train(cfg, restart=True, progress=True)
     console.print("[bold]3/3[/] evaluation on test scripts never seen in training")
     console.print(_accuracy_table([evaluation_row(cfg, result.test)], "demo"))
     console.print(f"chance is {100 / cfg.episode.n_way:.0f}%")

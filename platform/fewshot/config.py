@@ -14,15 +14,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+
+def _directory_name(value: str) -> str:
+    # `.` or `..` would make output_dir/NAME the output directory or its parent, which
+    # --restart deletes; a long name fails deep inside the file system or MLflow.
+    if not RUN_NAME.fullmatch(value):
+        raise PydanticCustomError(
+            "run_name",
+            "use 1 to 100 letters, digits, _, - and ., not starting with . "
+            "(it names the run's directory)",
+        )
+    return value
+
+
+# The name of a run or a search: a directory under train.output_dir, and Ray's.
+RunName = Annotated[str, AfterValidator(_directory_name)]
 
 
 class Section(BaseModel):
@@ -206,7 +232,7 @@ class DistributedConfig(Section):
 
 
 class Config(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "run"
     seed: int = 0
     data: DataConfig = DataConfig()
     episode: EpisodeConfig = EpisodeConfig()
@@ -256,11 +282,17 @@ def _describe(error: dict[str, Any]) -> str:
     return error["msg"][0].lower() + error["msg"][1:]
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _raise(exc: ValidationError, prefix: str = "") -> None:
     first = exc.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_quote(value)})"
     raise ConfigError(f"{prefix}{path}: {_describe(first)}{shown}") from None
 
 
@@ -343,11 +375,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (ConfigError naming the file otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass --config PATH to a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax") from None

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fewshot.data.episodes import Episode
+from fewshot.errors import ConfigError
 from fewshot.methods.base import FewShotMethod
 
 
@@ -24,6 +25,16 @@ class Accuracy:
 
     def __str__(self) -> str:
         return f"{100 * self.mean:.2f} +- {100 * self.ci95:.2f}% ({self.episodes} episodes)"
+
+
+def episode_count(requested: int | None, default: int) -> int:
+    """How many fixed test episodes to score: `requested` (--episodes), else `default`.
+    0 is an error, not "the default", and a negative count would score nothing."""
+    if requested is None:
+        return default
+    if requested < 1:
+        raise ConfigError(f"--episodes {requested}: score at least 1 test episode, e.g. 600")
+    return requested
 
 
 def mean_ci(accuracies: Iterable[float]) -> Accuracy:

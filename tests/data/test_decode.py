@@ -98,3 +98,16 @@ def test_encoded_images_are_the_stored_bytes_in_row_order(tmp_path, monkeypatch)
         start, end = images.spans[i]
         assert images.blobs[start:end].tobytes() == blob
         np.testing.assert_array_equal(images.decode(i), decode_image(blob, 20, 1, True))
+
+
+def test_an_undecodable_image_in_an_old_store_is_one_line(synthetic_store):
+    """Stores prepared before every image was decoded at prepare time may hold one."""
+    encoded = load_split(synthetic_store, "test", 16, "episode").images
+    good = encoded.blobs[encoded.spans[0, 0] : encoded.spans[0, 1]].tobytes()
+    bad = good[:60] + bytes(len(good) - 60)  # header kept, pixels zeroed
+    blobs = np.frombuffer(good + bad, dtype=np.uint8)
+    spans = np.array([[0, len(good)], [len(good), len(good) + len(bad)]])
+    images = EncodedImages(blobs, spans, 16, encoded.channels, encoded.invert)
+    assert images[torch.tensor([0])].shape == (1, encoded.channels, 16, 16)
+    with pytest.raises(DataError, match=r"^image 1 of the loaded split cannot be decoded"):
+        images[torch.tensor([0, 1])]

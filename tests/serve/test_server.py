@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Served:
     uri: str  # tracking URI
     port: int
     store: Path
+    server_pid: int  # uvicorn, one worker: the process that holds the model
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def served(tmp_path_factory, synthetic_store):
     try:
         client = Client(f"http://127.0.0.1:{port}")
         client.wait_ready(timeout=120)
-        yield Served(client, uri, port, synthetic_store)
+        yield Served(client, uri, port, synthetic_store, server.pid)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -199,3 +201,96 @@ def test_request_body_and_client_errors(tmp_path):
         nobody.predict({"a": [b"A"], "b": [b"B"]}, [b"Q"])
     with pytest.raises(ServeError, match="no scoring server answered"):
         nobody.wait_ready(timeout=0.3)
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def limit_answer(port: int, body: bytes, content_type: str | None = "application/json"):
+    """(status, JSON answer) of a POST; http.client adds no Content-Type of its own."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"Content-Type": content_type} if content_type else {}
+        connection.request("POST", "/invocations", body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.cluster
+def test_requests_past_a_limit_are_refused_and_the_server_stays_up(served):
+    support, queries = task(served.store)
+    before = [a["label"] for a in served.client.predict(support, queries)]
+    good = request_body(support, queries)
+    one_image = good["inputs"]["query_images"][0]
+
+    def body(**inputs) -> bytes:
+        return json.dumps({"inputs": {**good["inputs"], **inputs}}).encode()
+
+    status, answer = limit_answer(served.port, body(), content_type=None)
+    assert status == 415 and "send application/json" in answer["message"]
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, answer = limit_answer(served.port, deep)
+    assert status == 400 and answer["message"] == (
+        "body: JSON nested too deep; send the documented form"
+    )
+
+    # 10,000 queries (3.5 MB) against the limit of 1,000 images: refused at once, unparsed by
+    # MLflow, and the server does not grow.
+    many = body(query_images=[one_image] * 10_000)
+    assert len(many) > 3_000_000
+    grown = rss_mb(served.server_pid)
+    start = time.monotonic()
+    status, answer = limit_answer(served.port, many)
+    assert time.monotonic() - start < 1.0
+    assert status == 413 and answer["limit"] == "max_images"
+    assert answer["message"].startswith("10005 images in one request, over the limit of 1000")
+    assert rss_mb(served.server_pid) - grown < 100
+
+    # One long string among 200 short ones would be a 785 MB numpy array of padded strings.
+    padded = body(query_images=["x" * 1_000_000] + [one_image] * 199)
+    status, answer = limit_answer(served.port, padded)
+    assert status == 413 and answer["limit"] == "max_array_bytes"
+
+    status, answer = limit_answer(served.port, b"x" * (21 * 2**20))
+    assert status == 413 and answer["limit"] == "max_body_bytes"
+
+    labels = list(good["inputs"]["support_labels"])
+    labels[0] = "L" * 100_000
+    status, answer = limit_answer(served.port, body(support_labels=labels))
+    assert status == 400 and answer["limit"] == "max_label_chars"
+    assert len(json.dumps(answer)) < 1000  # the label is not echoed back
+
+    huge = base64.b64encode(png_declaring(5000, 5000)).decode()
+    status, answer = limit_answer(served.port, body(query_images=[huge]))
+    assert status == 400 and "query_images[0]: not a readable image (5000x5000" in answer["message"]
+    assert "max_pixels" in answer["message"]
+
+    # MLflow's own 400 quotes the request: at most a few hundred characters of it come back.
+    status, answer = limit_answer(served.port, body(support_labels=labels[1:] + ["z"] * 500))
+    assert status == 400 and len(answer["message"]) < 500
+
+    assert [a["label"] for a in served.client.predict(support, queries)] == before
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG header declaring width x height grey pixels, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 
-from fewshot.config import load_config
-from fewshot.errors import CheckpointError, ConfigError
+from fewshot.config import load_config, resolved_yaml
+from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import mean_ci
 from fewshot.train.runner import evaluate_method, load_model, train
 
@@ -85,3 +86,61 @@ def test_a_config_refused_at_build_time_leaves_no_run_behind(workdir, synthetic_
         "train.steps=1",
     )
     assert train(good).steps == 1
+
+
+@pytest.fixture
+def store_copy(tmp_path, synthetic_store):
+    import shutil
+
+    return Path(shutil.copytree(synthetic_store, tmp_path / "store"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "damage", "message"),
+    [
+        (["data.test_split=nope"], None, "has no split 'nope'"),
+        (
+            ["evaluate.n_way=20"],
+            None,
+            "evaluate.n_way: 20 classes per test episode, but split 'test'",
+        ),
+        ([], "remove", "split 'test' has no parquet files"),
+        ([], "truncate", "part-00000.parquet: not a readable parquet file"),
+    ],
+)
+def test_test_split_mistakes_are_refused_before_training(
+    workdir, store_copy, overrides, damage, message
+):
+    part = store_copy / "split=test" / "part-00000.parquet"
+    if damage == "remove":
+        part.unlink()
+    elif damage == "truncate":
+        part.write_bytes(part.read_bytes()[:300])
+    with pytest.raises(DataError, match=message):
+        train(config(store_copy, *overrides))
+    # Refused before the tracker started (so before any step): no run, no MLflow store.
+    assert not (workdir / "runs" / "unit").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_and_kept(workdir, synthetic_store):
+    cfg = config(synthetic_store, "tracking.enabled=false")
+    run_dir = workdir / "runs" / "unit"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(resolved_yaml(cfg))
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(CheckpointError, match="checkpoint.pt: not a readable weights file"):
+        train(cfg)
+    assert (run_dir / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("episodes", [-3, 0])
+def test_a_count_of_episodes_below_one_is_refused_not_replaced(synthetic_store, episodes):
+    from fewshot.methods import build_method
+    from fewshot.registry.gate import GateEpisodes
+
+    cfg = config(synthetic_store)
+    message = f"--episodes {episodes}: score at least 1 test episode"
+    with pytest.raises(ConfigError, match=message):
+        evaluate_method(build_method(cfg, 1), cfg, episodes)
+    with pytest.raises(ConfigError, match=message):  # what `fewshot promote --episodes` sets
+        GateEpisodes.of(cfg, None, None, episodes)

@@ -96,7 +96,8 @@ REFUSALS = [
     ({"serch": {}}, r"^serch: unknown key"),
     ({"search": {"num_sample": 2}}, r"^search\.num_sample: unknown key"),
     ({"search": {"scheduler": "hyperband"}}, r"^search\.scheduler: must be one of"),
-    ({"name": "a b"}, r"^name: string should match pattern"),
+    ({"name": "a b"}, r"^name: use 1 to 100 letters, digits"),
+    ({"name": ".."}, r"^name: use 1 to 100 letters, digits.*\(got '\.\.'\)"),
     ({"base": "missing.yaml"}, r"^base: .*missing\.yaml does not exist"),
     ({"space": {}}, r"^space: dictionary should have at least 1 item"),
     (space(**{"method.lamda1": {"uniform": [0, 1]}}), r"^space\.method\.lamda1: not a field"),
@@ -252,3 +253,20 @@ def test_objective_plot_has_a_panel_per_field(tmp_path):
     with Image.open(out) as image:
         width, height = image.size
     assert width >= 5 * 300 and height > 200  # five panels side by side
+
+
+def test_a_missing_test_split_is_refused_before_ray_starts(tmp_path, monkeypatch, synthetic_store):
+    import ray
+
+    from fewshot.errors import DataError
+    from fewshot.tune import search
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a search whose best model cannot be tested")
+
+    monkeypatch.setattr("fewshot.train.distributed.connect", no_ray)
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, set={"data.path": str(synthetic_store), "data.test_split": "nope"})
+    with pytest.raises(DataError, match=r"has no split 'nope'"):
+        search.run_search(path)
+    assert not ray.is_initialized()

@@ -13,6 +13,7 @@ source twice is a no-op (the source checksum is in the manifest).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -29,8 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from fewshot.errors import DataError
+from fewshot.safety import remove_inside
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -83,13 +86,45 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         hint = "it is not a prepared dataset" if root.exists() else "it does not exist"
         raise DataError(f"dataset {root}: {hint}; run `fewshot data prepare ...` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSON or UTF-8 errors are ValueErrors
+        raise DataError(
+            f"{path}: not a readable manifest ({type(exc).__name__}); the store is "
+            "corrupt, prepare it again with --overwrite"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a dataset manifest; prepare the store again with --overwrite")
+    return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Delete what conversions into `out` that were killed left behind (a staging or
+    swapped-out directory whose process is gone); a running conversion's is kept."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = stale.name.removeprefix(f".{out.name}.").partition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            remove_inside(stale, out.parent)
 
 
 def existing_store(out: Path, checksum: str, overwrite: bool) -> bool:
-    """True when `out` already holds this source; refuses to clobber another one."""
+    """True when `out` already holds this source; refuses to clobber another one. Every
+    conversion starts here, so it also clears what killed ones left."""
+    remove_stale_staging(out)
     if not out.exists():
         return False
+    if not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
     if not (out / MANIFEST).is_file():
         if any(out.iterdir()):
             raise DataError(f"{out} exists and is not a dataset; choose another --out")
@@ -198,13 +233,35 @@ def _normalisation(examples: list[Example], info: SourceInfo) -> tuple[list, lis
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
 
 
+# What PIL raises for bytes that are not a decodable image of a sane size.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open (header only), refusing more pixels than Image.MAX_IMAGE_PIXELS: PIL
+    itself only warns below twice that, and the pixels would be decoded. A server lowers
+    the limit to its own setting (serve/limits.py)."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise DecompressionBombError(
+            f"{width}x{height} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} (max_pixels)"
+        )
+    return image
+
+
 def check_image(data: bytes, where: str) -> None:
-    """Refuse bytes that PIL cannot decode, naming the file."""
+    """Refuse bytes that PIL cannot decode, naming the file: `verify` checks the chunks'
+    checksums, `load` decodes the pixels, which a PNG with valid checksums can still fail."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"{where}: not a readable image ({exc}); remove or replace it") from None
+        with open_image(data) as image:
+            image.load()
+    except IMAGE_ERRORS as exc:
+        reason = str(exc)[:200] or type(exc).__name__
+        raise DataError(f"{where}: not a readable image ({reason}); remove or replace it") from None
 
 
 # ---------------------------------------------------------------------------------
@@ -276,7 +333,13 @@ class EncodedImages:
     def decode(self, i: int) -> np.ndarray:
         start, end = self.spans[i]
         data = self.blobs[start:end].tobytes()
-        return decode_image(data, self.size, self.channels, self.invert)
+        try:
+            return decode_image(data, self.size, self.channels, self.invert)
+        except IMAGE_ERRORS as exc:  # a store written before prepare decoded every image
+            raise DataError(
+                f"image {i} of the loaded split cannot be decoded ({str(exc)[:120]}); "
+                "prepare the store again with --overwrite, which names the bad file"
+            ) from None
 
     def _decode_into(self, index: np.ndarray, pool: ThreadPoolExecutor) -> torch.Tensor:
         out = np.empty((len(index), self.channels, self.size, self.size), dtype=np.uint8)
@@ -402,7 +465,7 @@ class ImageSet:
 
 def decode_image(data: bytes, size: int, channels: int, invert: bool) -> np.ndarray:
     """Encoded bytes -> uint8 [C, size, size] (antialiased resize)."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             # Transparent pixels are paper: composite onto white before dropping alpha.
             rgba = image.convert("RGBA")
@@ -424,13 +487,43 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def _iter_tables(root: Path, split: str) -> Iterator[pa.Table]:
+def _iter_tables(root: Path, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     directory = root / f"split={split}"
     parts = sorted(directory.glob("part-*.parquet"))
     if not parts:
-        raise DataError(f"dataset {root} has no split {split!r}; see `fewshot data info {root}`")
+        raise DataError(
+            f"dataset {root}: split {split!r} has no parquet files; prepare the store again "
+            "with --overwrite"
+        )
     for part in parts:
-        yield pq.read_table(part)
+        try:
+            yield pq.read_table(part, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{part}: not a readable parquet file ({type(exc).__name__}); the store is "
+                "truncated or corrupt, prepare it again with --overwrite"
+            ) from None
+
+
+def split_census(root: str | Path, split: str) -> tuple[list[int], dict[str, int]]:
+    """Images per class, and classes per group, of a split, read from its label and group
+    columns only (no image is read): enough to know before training whether the split can
+    give the episodes a config asks for. Also reads every part, so a missing or truncated
+    file is found now."""
+    require_splits(root, [split])
+    root = Path(root)
+    groups: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for table in _iter_tables(root, split, ["label", "group"]):
+        for label, group in zip(
+            table.column("label").to_pylist(), table.column("group").to_pylist(), strict=True
+        ):
+            counts[label] = counts.get(label, 0) + 1
+            groups.setdefault(label, group)
+    per_group: dict[str, int] = {}
+    for group in groups.values():
+        per_group[group] = per_group.get(group, 0) + 1
+    return [counts[label] for label in sorted(counts)], per_group
 
 
 def _check_splits(root: Path, manifest: dict, names: list[str]) -> None:
@@ -441,6 +534,12 @@ def _check_splits(root: Path, manifest: dict, names: list[str]) -> None:
                 f"dataset {root} has no split {name!r}; it has {sorted(known)} "
                 "(set data.train_split / data.test_split)"
             )
+
+
+def require_splits(root: str | Path, names: list[str]) -> None:
+    """Refuse a store that is missing, unreadable or lacks one of the splits `names`."""
+    root = Path(root)
+    _check_splits(root, read_manifest(root), names)
 
 
 def decoded_bytes(root: str | Path, splits: list[str], image_size: int) -> int:

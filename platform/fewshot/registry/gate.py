@@ -33,7 +33,7 @@ from fewshot.config import Config
 from fewshot.data.episodes import TEST, EpisodeSampler
 from fewshot.data.store import ImageSet, load_split
 from fewshot.errors import RegistryError, RequestError
-from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import FewShotModel
 from fewshot.registry.versions import (
@@ -102,7 +102,7 @@ class GateEpisodes:
             q_query=e.q_query,
             within_group=config.eval_within_group(),
             seed=config.evaluate.seed,
-            count=episodes or config.evaluate.episodes,
+            count=episode_count(episodes, config.evaluate.episodes),
         )
 
     @property

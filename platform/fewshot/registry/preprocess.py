@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL.Image import DecompressionBombError
 
-from fewshot.data.store import decode_image, normalise, read_manifest
+from fewshot.data.store import IMAGE_ERRORS, decode_image, normalise, read_manifest
 from fewshot.errors import DataError, RegistryError, RequestError
 
 
@@ -59,9 +58,10 @@ class Preprocessing:
         its dataset. `where` names the image in the error (`query_images[3]`)."""
         try:
             return decode_image(data, self.image_size, self.channels, self.invert)
-        except (OSError, SyntaxError, ValueError, DecompressionBombError) as exc:  # PIL's errors
+        except IMAGE_ERRORS as exc:
             raise RequestError(
-                f"{where}: not a readable image ({type(exc).__name__}); send PNG or JPEG bytes"
+                f"{where}: not a readable image ({str(exc)[:120] or type(exc).__name__}); "
+                "send PNG or JPEG bytes"
             ) from None
 
     def tensor(self, blobs: Sequence[bytes], name: str) -> torch.Tensor:

@@ -35,6 +35,7 @@ from fewshot.config import Config
 from fewshot.errors import ConfigError, FewShotError, RegistryError, RequestError
 from fewshot.methods import FewShotMethod
 from fewshot.registry.preprocess import Preprocessing
+from fewshot.safety import load_weights
 
 INPUTS = ("support_images", "support_labels", "query_images")
 SIGNATURE = ModelSignature(
@@ -62,7 +63,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from fewshot.train.runner import method_from_file
 
-        state = torch.load(context.artifacts[ARTIFACT], map_location="cpu", weights_only=False)
+        state = load_weights(context.artifacts[ARTIFACT], "a registered fewshot model")
         self.config, self.method = method_from_file(state)
         self.method.eval()
         self.preprocessing = Preprocessing.from_dict(context.model_config)

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -30,6 +29,7 @@ from fewshot.config import Config, validate
 from fewshot.errors import RegistryError
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import FewShotModel, load_model, log_model
+from fewshot.safety import load_weights
 from fewshot.tracking import tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -114,7 +114,7 @@ def register(
                 run_id=run_id, artifact_path="model/model.pt", dst_path=scratch
             )
         )
-        config = validate(torch.load(model_file, map_location="cpu", weights_only=False)["config"])
+        config = validate(load_weights(model_file, "a fewshot model file")["config"])
         preprocessing = Preprocessing.of_dataset(data or config.data.path, config.data.image_size)
         model_uri = log_model(run_id, model_file, config, preprocessing)
         version = mlflow.register_model(model_uri, name, tags=_tags(run, config))

@@ -3,9 +3,10 @@
 The alias is resolved once, at start, and the server is started on that version
 (`models:/NAME/V`), so what it serves is what it printed; a newly promoted
 champion is picked up by starting a server again (see the README for a rollover
-without downtime). The server is `mlflow models serve --env-manager local`: it runs
-in this environment (the project installed), and its uvicorn must be on PATH, so
-this interpreter's bin folder goes first.
+without downtime). The server is MLflow's scoring server app, as `mlflow models serve
+--env-manager local` runs it, but behind `serve.limits.Guard`, which refuses a request
+past a limit before MLflow reads it: uvicorn runs `fewshot.serve.app:app` in this
+environment, the model downloaded once here.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import mlflow
+
 from fewshot.errors import RegistryError, ServeError
-from fewshot.registry.versions import CHAMPION, alias_version, connect, require_model
+from fewshot.registry.versions import CHAMPION, alias_version, connect, current, require_model
+from fewshot.serve.limits import Limits
 from fewshot.tracking import tracking_uri
 
 
@@ -33,22 +37,27 @@ def resolve(name: str, alias: str = CHAMPION, uri: str | None = None) -> str:
     return version
 
 
-def command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
+def command(host: str, port: int, workers: int) -> list[str]:
     return [
-        sys.executable, "-m", "mlflow", "models", "serve",
-        "-m", model_uri,
-        "--env-manager", "local",
+        sys.executable, "-m", "uvicorn",
         "--host", host,
         "--port", str(port),
         "--workers", str(workers),
+        "fewshot.serve.app:app",
     ]  # fmt: skip
 
 
-def environment(uri: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+def environment(model_uri: str, limits: Limits, uri: str | None = None) -> dict[str, str]:
+    """What the server's processes need: the local copy of the model (where MLflow's app
+    reads it), MLflow's request timeout, the tracking URI and the limits."""
+    from mlflow.pyfunc import scoring_server
+
+    with current(uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    _, env = scoring_server.get_cmd(local)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(uri)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    return {**env, **limits.env()}
 
 
 def check_port(host: str, port: int) -> None:
@@ -73,16 +82,16 @@ def serve(
     uri: str | None = None,
 ) -> NoReturn:
     """Replace this process with the scoring server for `models:/NAME@alias`."""
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port {port}: not a TCP port; pass one from 1 to 65535, e.g. 5001")
+    limits = Limits.from_env()
     version = resolve(name, alias, uri)
     check_port(host, port)
+    env = environment(f"models:/{name}/{version}", limits, uri)
     print(
         f"serving {name} version {version} (@{alias}) at http://{host}:{port}/invocations",
         file=sys.stderr,
         flush=True,
     )
     # exec: signals (Ctrl-C, a supervisor's SIGTERM) reach the server directly.
-    os.execve(
-        sys.executable,
-        command(f"models:/{name}/{version}", host, port, workers),
-        environment(uri),
-    )
+    os.execve(sys.executable, command(host, port, workers), env)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import fewshot
 from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
+from fewshot.safety import load_weights, remove_inside
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
 from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
@@ -47,6 +47,12 @@ class TorchDistributedComm(Comm):
         return flat
 
 
+def load_state(directory: str | Path) -> dict:
+    """A Train checkpoint of `worker_loop` ({"worker", "model"}): on shared storage anyone
+    with write access could have put it there, so it is read as weights only."""
+    return load_weights(Path(directory) / STATE, "a Ray Train checkpoint of this run")
+
+
 def worker_loop(loop_config: dict) -> None:
     """What every Ray Train worker runs."""
     import ray.train
@@ -59,7 +65,7 @@ def worker_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
+            state = load_state(directory)
         worker.load_state_dict(state["worker"])
     tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
     if checkpoint:
@@ -200,7 +206,7 @@ def fit_on_ray(
     check_resources(config)
     storage = storage_path(config)
     if restart and "://" not in storage:
-        shutil.rmtree(Path(storage) / config.name, ignore_errors=True)
+        remove_inside(Path(storage) / config.name, storage)
     data = share_datasets(config)
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
@@ -226,5 +232,5 @@ def fit_on_ray(
     if result.error:
         raise FewShotError(f"training on Ray failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=False)
+        state = load_state(directory)
     return state["model"], dict(result.metrics)

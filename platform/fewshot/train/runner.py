@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,12 @@ import torch
 
 from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.data.episodes import TEST, EpisodeSampler
-from fewshot.data.store import load_split
-from fewshot.errors import CheckpointError, ConfigError
-from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.data.store import load_split, require_splits, split_census
+from fewshot.errors import CheckpointError, ConfigError, DataError
+from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.runtime import Runtime
+from fewshot.safety import load_weights, remove_inside
 from fewshot.tracking import Tracker, download_artifact
 from fewshot.train.loop import Worker, fit
 
@@ -88,10 +88,36 @@ def load_model(source: str | Path, tracking_uri: str | None = None) -> tuple[Con
                 f"{source}: not a run directory, file or MLflow run id with "
                 f"a model ({type(exc).__name__}); check the id"
             ) from None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "config" not in state or "state_dict" not in state:
+    state = load_weights(path, "a model file")
+    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
         raise CheckpointError(f"{path}: not a fewshot model file; pass runs/NAME/model.pt")
     return method_from_file(state)
+
+
+def check_test_split(config: Config, split: str | None = None) -> None:
+    """Refuse, before anything trains or loads, a test split that cannot give the fixed
+    test episodes (missing, too few classes or images, unreadable parts), naming the
+    setting to change."""
+    split = split or config.data.test_split
+    e = config.eval_episode()
+    counts, per_group = split_census(config.data.path, split)
+    setting = "evaluate.n_way" if config.evaluate.n_way else "episode.n_way"
+    within = config.eval_within_group()
+    largest = max(per_group.values()) if within else len(counts)
+    if largest < e.n_way:
+        where = f"its largest group has {largest}" if within else f"it has {largest}"
+        raise DataError(
+            f"{setting}: {e.n_way} classes per test episode, but split {split!r} of "
+            f"{config.data.path} cannot give them ({where}); lower {setting}"
+            + (" or set evaluate.within_group=false" if within else "")
+        )
+    needed = e.k_shot + e.q_query
+    if min(counts) < needed:
+        raise DataError(
+            f"split {split!r} of {config.data.path} has a class of {min(counts)} images, fewer "
+            f"than the test episodes' k_shot + q_query = {needed}; lower evaluate.k_shot or "
+            "evaluate.q_query"
+        )
 
 
 def evaluate_method(
@@ -99,6 +125,7 @@ def evaluate_method(
 ) -> Accuracy:
     """Accuracy on the fixed test episodes of `config` (test split, eval shape, eval seed),
     computed where and how the config trains (device, precision, memory format)."""
+    check_test_split(config, split)
     runtime = Runtime.of(config.train)
     method.to(runtime.device, memory_format=runtime.memory_format)
     e = config.eval_episode()
@@ -106,7 +133,8 @@ def evaluate_method(
     sampler = EpisodeSampler(
         test, e.n_way, e.k_shot, e.q_query, within_group=config.eval_within_group()
     )
-    fixed = sampler.fixed_episodes(episodes or config.evaluate.episodes, config.evaluate.seed, TEST)
+    count = episode_count(episodes, config.evaluate.episodes)
+    fixed = sampler.fixed_episodes(count, config.evaluate.seed, TEST)
     return mean_ci(episode_accuracies(method, fixed, runtime))
 
 
@@ -160,7 +188,7 @@ def prepare_run_dir(config: Config, restart: bool) -> tuple[Path, str | None]:
     """The run directory, and the MLflow run id to continue, if any."""
     run_dir = config.train.output_dir / config.name
     if restart:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_inside(run_dir, config.train.output_dir)
     saved = run_dir / "config.yaml"
     if saved.is_file() and saved.read_text() != resolved_yaml(config):
         raise CheckpointError(
@@ -220,7 +248,7 @@ def fit_here(config: Config, run_dir: Path, tracker: Tracker, progress: bool) ->
     log_train_classes(tracker, worker)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.is_file():
-        worker.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
+        worker.load_state_dict(load_weights(checkpoint, "a checkpoint (or pass --restart)"))
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
     log_runtime(tracker, worker)
     bar = Progress(config.train.steps, worker.step, progress)
@@ -254,6 +282,11 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
     test episodes and log everything; with `registry.register`, register the model."""
     if config.registry.register and not config.tracking.enabled:
         raise ConfigError("registry.register: needs tracking.enabled=true (the registry is MLflow)")
+    # Everything that can be known before training is checked before --restart deletes
+    # the previous run: a mistake found after the last step would cost the whole run.
+    d = config.data
+    require_splits(d.path, [*d.train_split, *([d.val_split] if d.val_split else [])])
+    check_test_split(config)
     fresh = not (config.train.output_dir / config.name).exists() or restart
     run_dir, resume_run_id = prepare_run_dir(config, restart)
     tracker = Tracker(config)
@@ -268,10 +301,12 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
             model, metrics = fit_on_ray(config, run_id, restart=restart)
         else:
             model, metrics = fit_here(config, run_dir, tracker, progress)
-        model_path = run_dir / "model.pt"
-        save_atomic(model, model_path)
         _, method = method_from_file(model)
         test = evaluate_method(method, config)
+        # model.pt marks the run finished, so it is written only after the test episodes
+        # ran: a failed evaluation leaves a run that the corrected command continues.
+        model_path = run_dir / "model.pt"
+        save_atomic(model, model_path)
         tracker.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, config.train.steps)
         tracker.table("evaluation", [evaluation_row(config, test)])
         tracker.artifact(model_path, "model")
@@ -280,7 +315,7 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
         # A run refused or failed before its first checkpoint leaves no directory that
         # would block the corrected config under the same name (its MLflow run says FAILED).
         if fresh and not has_progress(config, run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_inside(run_dir, config.train.output_dir)
         raise
     finally:
         tracker.end(status)

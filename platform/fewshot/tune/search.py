@@ -234,9 +234,11 @@ def run_search(
     import ray.tune
 
     from fewshot.train.distributed import check_resources, connect, storage_path
+    from fewshot.train.runner import check_test_split
 
     spec, resuming = locate(Path(tune_file) if tune_file else None, overrides, resume)
     base = spec.base_config()
+    check_test_split(base)  # the best config is tested on it: know now, not after the search
     connect(base.distributed.address, dashboard=True)
     check_resources(base)
     search_dir = spec.search_dir()
@@ -389,21 +391,19 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
 
 def checkpoint_model(path: str) -> dict:
     """The model file inside a Train checkpoint of `worker_loop`."""
-    import torch
+    from fewshot.train.distributed import load_state
 
-    from fewshot.train.distributed import STATE
-
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)["model"]
+    return load_state(path)["model"]
 
 
 def best_model(row: dict[str, Any], search_dir: Path) -> dict:
     """The best trial's model file: its final model, or its last checkpoint's if the
     scheduler stopped it early."""
-    import torch
+    from fewshot.safety import load_weights
 
     final = search_dir / row["trial"] / "model.pt"
     if final.is_file():
-        return torch.load(final, map_location="cpu", weights_only=False)
+        return load_weights(final, "a trial's model file")
     if not row["checkpoint_path"]:
         raise FewShotError(f"trial {row['trial']} left no model and no checkpoint")
     return checkpoint_model(row["checkpoint_path"])

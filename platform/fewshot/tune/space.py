@@ -44,6 +44,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from fewshot.config import (
     Config,
+    RunName,
     Section,
     _raise,
     apply_overrides,
@@ -130,7 +131,7 @@ class SearchSettings(Section):
 
 
 class TuneFile(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName
     base: str | dict[str, Any]
     set: dict[str, Any] = {}
     space: dict[str, Domain] = Field(min_length=1)

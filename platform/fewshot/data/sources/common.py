@@ -52,10 +52,20 @@ _PICKLE_GLOBALS = {
 }
 
 
+def _bytearray(*args: Any) -> bytearray:
+    """bytearray of the bytes in the file only: bytearray(n) would allocate n bytes that
+    the file does not hold (bytearray(10**15) is a MemoryError, or the machine's memory)."""
+    if args and isinstance(args[0], int):
+        raise pickle.UnpicklingError(f"it asks for bytearray({args[0]}), not data it holds")
+    return bytearray(*args)
+
+
 class _ReleaseUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, not only arrays")
+        if (module, name) == ("builtins", "bytearray"):
+            return _bytearray
         return super().find_class(module, name)
 
 
@@ -72,7 +82,14 @@ def load_pickle(path: Path, hint: str) -> Any:
     try:
         with open(path, "rb") as handle:
             data = _ReleaseUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        MemoryError,
+    ) as exc:
         raise DataError(
             f"{path}: not a readable release pickle ({exc}); it is truncated or corrupt, "
             "copy it again"
