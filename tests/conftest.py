@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,6 +22,13 @@ def pytest_configure(config):
     # Tests must not depend on the user's tracking server or Ray auth settings.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # `ray start --head` with token auth aborts without a token, where `ray.init()` would
+    # have made one under ~/.ray: give a fresh machine one for this session.
+    token_known = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token_known and not (Path.home() / ".ray" / "auth_token").is_file():
+        token = Path(tempfile.mkdtemp(prefix="fewshot-ray-")) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     # Runtime probes (fewshot.runtime) cached for this session only, not in the user's home.
     os.environ["FEWSHOT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fewshot-cache-")
 
