@@ -13,6 +13,7 @@ from fewshot.config import load_config
 from fewshot.data.episodes import to_device
 from fewshot.errors import ConfigError
 from fewshot.runtime import Execution, Probe, Runtime
+from fewshot.tracking import tracking_uri
 from fewshot.train.distributed import backend
 from fewshot.train.runner import train
 
@@ -144,7 +145,9 @@ def test_the_choice_is_logged_as_run_params(workdir, synthetic_store, cache):
         ],
     )
     result = train(config)
-    params = mlflow.MlflowClient("sqlite:///mlflow.db").get_run(result.run_id).data.params
+    # An absolute URI: MLflow caches stores by URI, and a relative one would find the
+    # store of the first directory that used it.
+    params = mlflow.MlflowClient(tracking_uri()).get_run(result.run_id).data.params
     expected_precision = "bf16" if runtime.cpu_native_bf16() else "fp32"
     assert params["runtime.precision"] == expected_precision
     assert params["runtime.memory_format"] in ("channels_last", "nchw")
