@@ -59,8 +59,7 @@ def test_the_cluster_mlflow_server_needs_credentials():
 def test_an_anonymous_artifact_upload_is_refused(tmp_path):
     """The basic-auth app as cluster.yaml starts it: an upload without credentials gets 401
     and stores nothing; with them it is stored. Needs the `auth` extra that cluster.yaml
-    installs on the head (Flask-WTF), which the project's own environment does not."""
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    installs on the head (Flask-WTF), which the `dev` extra installs here."""
     ini = (REPO / "mlflow-auth.ini").read_text()
     ini = ini.replace("sqlite:////home/ubuntu/mlflow-auth.db", f"sqlite:///{tmp_path / 'a.db'}")
     (tmp_path / "auth.ini").write_text(ini)
