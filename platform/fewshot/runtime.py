@@ -56,6 +56,10 @@ from fewshot.errors import ConfigError
 EMULATED_BF16_SLOWDOWN = "7 to 8 times"
 PROBE_SECONDS = 2.0  # time budget of one candidate's timed steps, after a warm-up step
 PROBE_STEPS = 3
+# oneDNN's ISA levels without bf16 instructions (its ONEDNN_MAX_CPU_ISA names).
+BELOW_BF16_ISAS = {
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"
+}  # fmt: skip
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 256 * 1024 * 1024
@@ -105,9 +109,8 @@ def cpu_native_bf16() -> bool:
         return False
     flags = cpu_flags()
     if platform.machine() in ("x86_64", "AMD64"):
-        limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-        allowed = limit == "ALL" or "BF16" in limit or "AMX" in limit
-        return allowed and bool(flags & {"amx_bf16", "avx512_bf16"})
+        limited = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in BELOW_BF16_ISAS
+        return not limited and bool(flags & {"amx_bf16", "avx512_bf16"})
     return "bf16" in flags or not flags
 
 
