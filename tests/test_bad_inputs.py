@@ -101,6 +101,7 @@ def test_predict_names_the_bad_query_file(tmp_path, bad, name):
     args = ["--model", "models:/m@champion", "--support", "support", "--query", "query"]
     result = fewshot("predict", *args, cwd=tmp_path)
     one_line_error(result, f"{Path('query') / f'{name}.png'}: not a readable image")
+    assert "query_images[" not in result.stderr  # the file, not its index in the request
 
 
 def test_stale_staging_of_a_killed_prepare_is_cleared(tmp_path):

@@ -83,21 +83,22 @@ def keep_freed_memory() -> bool:
     )
 
 
-def cpu_name() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it (the platform's word elsewhere)."""
+def cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys`."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the platform's word elsewhere)."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    return set()
+    return set((cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_native_bf16() -> bool:
@@ -262,9 +263,10 @@ class Runtime:
     def line(self) -> str:
         """The choice in one line, printed when training starts."""
         native = "native bf16" if native_bf16(self.device) else "no native bf16"
-        where = f"{device_name(self.device)} ({torch.backends.cpu.get_cpu_capability()}, {native})"
         if self.device.type == "cuda":
             where = f"{device_name(self.device)} ({native})"
+        else:
+            where = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, {native})"
         why = self.chosen_by
         if self.speeds:
             why += ": " + ", ".join(f"{name} {speed:.1f}" for name, speed in self.speeds)

@@ -1,9 +1,9 @@
 """Two rules, each with one home: weights are loaded without running code from the file,
 and a directory is deleted only from inside the root it belongs to.
 
-A `.pt` file is a pickle: loaded with `weights_only=False`, any file (a run, a
-registered model's artifact, a Ray checkpoint on shared storage) could run code in the
-process that opens it. Every file this project writes holds only tensors, numbers,
+A `.pt` file is a pickle: loaded without torch's weights-only unpickler, any file (a
+run, a registered model's artifact, a Ray checkpoint on shared storage) could run code
+in the process that opens it. Every file this project writes holds only tensors, numbers,
 strings and plain containers, which `weights_only=True` reads.
 """
 

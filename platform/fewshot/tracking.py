@@ -97,7 +97,6 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             self.run_id = resume_run_id
             return self.run_id
-        import mlflow
 
         name = self.config.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
@@ -115,20 +114,17 @@ class Tracker:
             **(tags or {}),
         }
         self.run_id = self.client.create_run(experiment_id, tags=run_tags).info.run_id
-        params = [
-            mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(as_dict(self.config)).items()
-        ]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.params(flatten(as_dict(self.config)))
         self.text(resolved_yaml(self.config), "config.yaml")
         return self.run_id
 
-    def params(self, values: dict[str, str]) -> None:
+    def params(self, values: dict[str, Any]) -> None:
         if self.enabled and self.run_id:
             import mlflow
 
             batch = [mlflow.entities.Param(k, str(v)[:500]) for k, v in values.items()]
-            self.client.log_batch(self.run_id, params=batch)
+            for start in range(0, len(batch), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(self.run_id, params=batch[start : start + 100])
 
     def tags(self, values: dict[str, str]) -> None:
         if self.enabled and self.run_id:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -511,19 +512,13 @@ def split_census(root: str | Path, split: str) -> tuple[list[int], dict[str, int
     give the episodes a config asks for. Also reads every part, so a missing or truncated
     file is found now."""
     require_splits(root, [split])
-    root = Path(root)
-    groups: dict[int, str] = {}
-    counts: dict[int, int] = {}
-    for table in _iter_tables(root, split, ["label", "group"]):
-        for label, group in zip(
-            table.column("label").to_pylist(), table.column("group").to_pylist(), strict=True
-        ):
-            counts[label] = counts.get(label, 0) + 1
-            groups.setdefault(label, group)
-    per_group: dict[str, int] = {}
-    for group in groups.values():
-        per_group[group] = per_group.get(group, 0) + 1
-    return [counts[label] for label in sorted(counts)], per_group
+    group_of: dict[int, str] = {}
+    images: Counter[int] = Counter()
+    for table in _iter_tables(Path(root), split, ["label", "group"]):
+        labels = table.column("label").to_pylist()
+        images.update(labels)
+        group_of.update(zip(labels, table.column("group").to_pylist(), strict=True))
+    return [images[label] for label in sorted(images)], dict(Counter(group_of.values()))
 
 
 def _check_splits(root: Path, manifest: dict, names: list[str]) -> None:
