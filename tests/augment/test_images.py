@@ -4,8 +4,9 @@ import torch
 
 from fewshot.augment.images import AffineJitter, fixed_views, rotated_classes
 from fewshot.config import AugmentConfig
-from fewshot.data.episodes import TRAIN, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import ImageSet
+from fewshot.streams import Stream
 
 
 def image_set(classes=3, per_class=4, size=12) -> ImageSet:
@@ -76,9 +77,9 @@ def test_a_jittered_sampler_draws_the_same_classes_and_images_with_other_pixels(
     plain = EpisodeSampler(images, 3, 1, 2)
     jitter = AffineJitter(AugmentConfig(degrees=20, scale=0.1))
     jittered = EpisodeSampler(images, 3, 1, 2, jitter=jitter)
-    a, b = plain.episode(TRAIN, 0, 3), jittered.episode(TRAIN, 0, 3)
+    a, b = plain.episode(Stream.TRAIN, 0, 3), jittered.episode(Stream.TRAIN, 0, 3)
     assert torch.equal(a.classes, b.classes) and torch.equal(a.query_y, b.query_y)
     assert not torch.allclose(a.query_x, b.query_x)
-    again = jittered.episode(TRAIN, 0, 3)
+    again = jittered.episode(Stream.TRAIN, 0, 3)
     assert torch.equal(b.query_x, again.query_x)  # an episode is a function of its key
     assert np.isfinite(b.support_x.numpy()).all()

@@ -2,11 +2,12 @@ import pytest
 import yaml
 
 from fewshot.bench import omniglot
-from fewshot.data.episodes import TEST, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies, mean_ci
 from fewshot.methods.ensemble import Ensemble
+from fewshot.streams import Stream
 from fewshot.train.runner import evaluate_method, load_model, with_settings
 
 
@@ -49,7 +50,7 @@ def test_rows_share_models_and_their_figures_are_the_fixed_test_episodes(workdir
     # The ensemble's figure: both members' mean log-probabilities on the same episodes.
     members = [load_model(r)[1] for r in runs]
     images = load_split(config.data.path, config.data.test_split, 16)
-    episodes = EpisodeSampler(images, 3, 1, 1, within_group=True).fixed_episodes(20, 0, TEST)
+    episodes = EpisodeSampler(images, 3, 1, 1, within_group=True).fixed_episodes(20, 0, Stream.TEST)
     assert pair.mean == pytest.approx(mean_ci(episode_accuracies(Ensemble(members), episodes)).mean)
     # The curve: one validation error per round, over minutes since the run started.
     curve = results[0]["curve"]

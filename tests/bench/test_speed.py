@@ -8,9 +8,10 @@ from fewshot.bench.speed import (
     easyfsl_sampler_shim,
 )
 from fewshot.config import load_config
-from fewshot.data.episodes import TRAIN, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.methods import build_method
+from fewshot.streams import Stream
 
 
 def test_the_learn2learn_style_loop_computes_our_maml_loss_and_gradients(synthetic_store):
@@ -30,7 +31,7 @@ def test_the_learn2learn_style_loop_computes_our_maml_loss_and_gradients(synthet
     torch.manual_seed(0)
     method = build_method(config, 1).train()
     images = load_split(synthetic_store, ["train"], 16)
-    episode = EpisodeSampler(images, 3, 1, 2).episode(TRAIN, 0, 0)
+    episode = EpisodeSampler(images, 3, 1, 2).episode(Stream.TRAIN, 0, 0)
 
     ours = method.loss(episode).total
     ours_grads = torch.autograd.grad(ours, list(method.parameters()))

@@ -7,16 +7,17 @@ import torch
 
 from fewshot.config import load_config
 from fewshot.data import store
-from fewshot.data.episodes import TRAIN, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.sources import synthetic
 from fewshot.data.store import EncodedImages, ImageSet, choose_decode, decode_image, load_split
 from fewshot.errors import ConfigError, DataError
+from fewshot.streams import Stream
 from fewshot.train.loop import Datasets, decode_mode
 
 
 def episodes(images: ImageSet, count: int = 6) -> list:
     sampler = EpisodeSampler(images, n_way=5, k_shot=2, q_query=3)
-    return [sampler.episode(TRAIN, 3, step, 0) for step in range(count)]
+    return [sampler.episode(Stream.TRAIN, 3, step, 0) for step in range(count)]
 
 
 def assert_same(a: list, b: list) -> None:

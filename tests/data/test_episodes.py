@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.data.episodes import TEST, TRAIN, EpisodeSampler, tasks_for_rank
+from fewshot.data.episodes import EpisodeSampler, tasks_for_rank
 from fewshot.data.store import load_split
 from fewshot.errors import DataError
+from fewshot.streams import Stream
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,13 @@ def test_episode_shapes_labels_and_disjointness(small1):
 
 def test_same_key_same_episode_other_keys_differ(small1):
     sampler = EpisodeSampler(small1, 5, 1, 5)
-    a, b = sampler.episode(TRAIN, 7, 3, 0), sampler.episode(TRAIN, 7, 3, 0)
+    a, b = sampler.episode(Stream.TRAIN, 7, 3, 0), sampler.episode(Stream.TRAIN, 7, 3, 0)
     assert torch.equal(a.classes, b.classes) and torch.equal(a.query_x, b.query_x)
     others = [
-        sampler.episode(TRAIN, 7, 3, 1),
-        sampler.episode(TRAIN, 7, 4, 0),
-        sampler.episode(TRAIN, 8, 3, 0),
-        sampler.episode(TEST, 7, 3, 0),
+        sampler.episode(Stream.TRAIN, 7, 3, 1),
+        sampler.episode(Stream.TRAIN, 7, 4, 0),
+        sampler.episode(Stream.TRAIN, 8, 3, 0),
+        sampler.episode(Stream.TEST, 7, 3, 0),
     ]
     assert all(not torch.equal(a.support_x, o.support_x) for o in others)
 
@@ -54,7 +55,7 @@ def test_within_group_keeps_every_episode_in_one_alphabet(small1):
     sampler = EpisodeSampler(small1, 20, 1, 1, within_group=True)
     seen = set()
     for task in range(30):
-        episode = sampler.episode(TRAIN, 0, 0, task)
+        episode = sampler.episode(Stream.TRAIN, 0, 0, task)
         groups = {small1.class_groups[c] for c in episode.classes.tolist()}
         assert len(groups) == 1
         seen |= groups
@@ -65,8 +66,8 @@ def test_class_pool_and_given_classes(small1):
     pool = list(range(10, 20))
     sampler = EpisodeSampler(small1, 5, 1, 2, class_pool=pool)
     for task in range(20):
-        assert set(sampler.episode(TRAIN, 0, 0, task).classes.tolist()) <= set(pool)
-    episode = sampler.episode_of_classes([3, 1, 4, 15, 9], TRAIN, 0, 0)
+        assert set(sampler.episode(Stream.TRAIN, 0, 0, task).classes.tolist()) <= set(pool)
+    episode = sampler.episode_of_classes([3, 1, 4, 15, 9], Stream.TRAIN, 0, 0)
     assert episode.classes.tolist() == [3, 1, 4, 15, 9]
 
 

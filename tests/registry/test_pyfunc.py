@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fewshot.config import load_config
-from fewshot.data.episodes import TEST, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split, read_manifest
 from fewshot.errors import RequestError
 from fewshot.methods import build_method
@@ -22,6 +22,7 @@ from fewshot.registry.gate import promote
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import INPUTS, FewShotModel
 from fewshot.registry.versions import current, register
+from fewshot.streams import Stream
 from fewshot.train.runner import load_model
 
 
@@ -45,7 +46,7 @@ def test_champion_through_models_uri_answers_like_the_in_memory_model(omniglot_r
     config, method = load_model(runs.dirs["good"])
     split = load_split(runs.store, "small2", config.data.image_size)
     sampler = EpisodeSampler(split, n_way=5, k_shot=1, q_query=15)
-    classes, indices = sampler.sample_indices(np.random.default_rng([TEST, 0, 0, 0]))
+    classes, indices = sampler.sample_indices(np.random.default_rng([Stream.TEST, 0, 0, 0]))
     episode = sampler.build(classes, indices)  # [5 support, 75 queries]
     method.eval()
     with torch.no_grad():

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from fewshot.config import load_config
-from fewshot.data.episodes import TRAIN, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.errors import ConfigError
+from fewshot.streams import Stream
 from fewshot.train.distributed import check_resources, fit_on_ray
 from fewshot.train.loop import Datasets, Worker
 
@@ -233,12 +234,12 @@ def test_workers_of_a_node_map_one_shared_copy_of_the_data(ray_head, tiny_config
         images = data.train.images
         array = images.blobs if data.train.encoded else images.numpy()
         time.sleep(1)  # both workers hold the data at once
-        first = EpisodeSampler(data.train, 5, 1, 3).episode(TRAIN, 0, 0)
+        first = EpisodeSampler(data.train, 5, 1, 3).episode(Stream.TRAIN, 0, 0)
         return mapping_of(array.ctypes.data), first.query_x
 
     held = ray.get([hold.remote(loop_config) for _ in range(2)])
     local = Datasets.load(config)
-    expected = EpisodeSampler(local.train, 5, 1, 3).episode(TRAIN, 0, 0).query_x
+    expected = EpisodeSampler(local.train, 5, 1, 3).episode(Stream.TRAIN, 0, 0).query_x
     for (perms, file), query_x in held:
         assert perms.endswith("s")  # a MAP_SHARED mapping, not a private copy
         assert "plasma" in file and file == held[0][0][1]  # the same object store file

@@ -12,8 +12,8 @@ training amplifies it), so bf16 gets 10%.
 import pytest
 import torch
 
-from fewshot.data.episodes import TRAIN
 from fewshot.runtime import bf16_on_gpu
+from fewshot.streams import Stream
 from fewshot.train.loop import Datasets, Worker
 
 pytestmark = [
@@ -70,6 +70,6 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(tiny_config):
 
 def test_episodes_reach_the_gpu_in_the_asked_memory_format(tiny_config):
     worker = Worker(tiny_config("train.device=cuda", "train.channels_last=true"))
-    episode = worker.to_device(worker.sampler.episode(TRAIN, 0, 0))
+    episode = worker.to_device(worker.sampler.episode(Stream.TRAIN, 0, 0))
     assert episode.support_x.is_cuda and episode.query_y.is_cuda
     assert episode.query_x.is_contiguous(memory_format=torch.channels_last)

@@ -38,12 +38,11 @@ import numpy as np
 import torch
 
 from fewshot.config import TaskMixupConfig
-from fewshot.data.episodes import TRAIN, Episode, EpisodeSampler
+from fewshot.data.episodes import Episode, EpisodeSampler
 from fewshot.data.store import normalise
 from fewshot.errors import ConfigError
 from fewshot.methods.base import FewShotMethod, Loss
-
-MIX = 3  # random stream of partner tasks and mixing draws
+from fewshot.streams import Stream
 
 RBF_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -170,23 +169,23 @@ class TaskMixup:
 
     def pair(self, step: int, task: int) -> tuple[Episode, Episode | None]:
         """T_i and its partner T_j (None when this task is not mixed)."""
-        step_rng = np.random.default_rng([MIX, self.seed, step])
-        rng = np.random.default_rng([MIX, self.seed, step, task])
+        step_rng = np.random.default_rng([Stream.MIX, self.seed, step])
+        rng = np.random.default_rng([Stream.MIX, self.seed, step, task])
         if rng.random() >= self.settings.probability:
-            return self.sampler.episode(TRAIN, self.seed, step, task), None
+            return self.sampler.episode(Stream.TRAIN, self.seed, step, task), None
         if not self.by_cluster:
-            first = self.sampler.episode(TRAIN, self.seed, step, task)
-            return first, self.sampler.episode(MIX, self.seed, step, task)
+            first = self.sampler.episode(Stream.TRAIN, self.seed, step, task)
+            return first, self.sampler.episode(Stream.MIX, self.seed, step, task)
         # The meta-batch's tasks come from one cluster, each partner from another.
         k = len(self.cluster_samplers)
         home = int(step_rng.integers(k))
         other = (home + 1 + int(rng.integers(k - 1))) % k
-        first = self.cluster_samplers[home].episode(TRAIN, self.seed, step, task)
-        return first, self.cluster_samplers[other].episode(MIX, self.seed, step, task)
+        first = self.cluster_samplers[home].episode(Stream.TRAIN, self.seed, step, task)
+        return first, self.cluster_samplers[other].episode(Stream.MIX, self.seed, step, task)
 
     def draws(self, step: int, task: int, top_layer: int) -> tuple[int, float]:
         """The layer l in 0..top_layer and lambda of a mixed task."""
-        rng = np.random.default_rng([MIX, self.seed, step, task, 1])
+        rng = np.random.default_rng([Stream.MIX, self.seed, step, task, 1])
         layer = int(rng.integers(top_layer + 1))
         return layer, float(rng.beta(self.settings.alpha, self.settings.beta))
 

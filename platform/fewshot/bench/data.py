@@ -117,14 +117,15 @@ def holder_class():
                 int(flat[start : start + step].sum())
 
         def episodes_per_s(self, config: Config, seconds: float) -> float:
-            from fewshot.data.episodes import TRAIN, EpisodeSampler
+            from fewshot.data.episodes import EpisodeSampler
+            from fewshot.streams import Stream
 
             e = config.episode
             sampler = EpisodeSampler(self.data.train, e.n_way, e.k_shot, e.q_query)
-            sampler.episode(TRAIN, 0, 0)  # warm-up: starts the decoding threads
+            sampler.episode(Stream.TRAIN, 0, 0)  # warm-up: starts the decoding threads
             count, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
-                sampler.episode(TRAIN, 0, count + 1)
+                sampler.episode(Stream.TRAIN, 0, count + 1)
                 count += 1
             return count / (time.perf_counter() - started)
 

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
-from fewshot.data.episodes import TRAIN
 from fewshot.data.store import ImageSet
 from fewshot.errors import FewShotError
 from fewshot.runtime import bf16_on_gpu
+from fewshot.streams import Stream
 from fewshot.train.loop import Datasets, Worker
 
 SHAPE = ["episode.n_way=5", "episode.k_shot=1", "episode.q_query=15", "episode.meta_batch=1"]
@@ -88,7 +88,7 @@ def loop_speed(config: Config, images: ImageSet, steps: int, warmup: int) -> flo
 
 def bare_speed(config: Config, images: ImageSet, steps: int, warmup: int) -> float:
     worker = Worker(config, data=Datasets(images, None))
-    episode = worker.to_device(worker.sampler.episode(TRAIN, config.seed, 0))
+    episode = worker.to_device(worker.sampler.episode(Stream.TRAIN, config.seed, 0))
 
     def step() -> None:
         worker.optimizer.zero_grad(set_to_none=True)

@@ -28,11 +28,12 @@ from typing import Any
 from fewshot.bench import machine, write_table
 from fewshot.bench.methods import read_results, write_results
 from fewshot.config import Config, as_dict, set_value, validate
-from fewshot.data.episodes import TEST, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods.ensemble import Ensemble
+from fewshot.streams import Stream
 from fewshot.tracking import tracking_uri
 from fewshot.train.runner import evaluate_method, load_model, train, with_settings
 
@@ -109,7 +110,9 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
         sampler = EpisodeSampler(
             images, test.n_way, test.k_shot, test.q_query, within_group=config.eval_within_group()
         )
-        episodes = sampler.fixed_episodes(config.evaluate.episodes, config.evaluate.seed, TEST)
+        episodes = sampler.fixed_episodes(
+            config.evaluate.episodes, config.evaluate.seed, Stream.TEST
+        )
         accuracy = mean_ci(episode_accuracies(ensemble, episodes))
         return summary(row, config, accuracy, sum(m[3] for m in members), [])
     config, method, accuracy, minutes, run_id = models.get(

@@ -36,12 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
-from fewshot.data.episodes import TEST, TRAIN, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.sources import omniglot
 from fewshot.data.store import ImageSet, load_split, normalise
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import build_method
 from fewshot.runtime import Runtime
+from fewshot.streams import Stream
 from fewshot.train.loop import Worker
 
 
@@ -89,7 +90,7 @@ def bare(config: Config, episodes: int) -> tuple[float, int]:
     """(episodes/s of the method alone: loss, backward and Adam on one pre-made episode,
     floating-point operations of one such step as torch's FLOP counter counts them)."""
     worker = Worker(config)
-    episode = worker.to_device(worker.sampler.episode(TRAIN, 0, 0))
+    episode = worker.to_device(worker.sampler.episode(Stream.TRAIN, 0, 0))
     method, optimizer = worker.method, worker.optimizer
     method.train()
 
@@ -250,7 +251,7 @@ def l2l_maml(config: Config, episodes: int) -> float:
     steps = iter(range(10**9))
 
     def step() -> None:
-        episode = sampler.episode(TRAIN, config.seed, next(steps))
+        episode = sampler.episode(Stream.TRAIN, config.seed, next(steps))
         optimizer.zero_grad()
         learner = clone_module(network)
         for _ in range(network.params.inner_steps):
@@ -266,7 +267,7 @@ def sampler_speed(config: Config, episodes: int) -> float:
     e = config.episode
     sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
     steps = iter(range(10**9))
-    return per_second(lambda: sampler.episode(TRAIN, 0, next(steps)), episodes)
+    return per_second(lambda: sampler.episode(Stream.TRAIN, 0, next(steps)), episodes)
 
 
 def conversion_speed(zips: list[Path]) -> float:
@@ -283,7 +284,9 @@ def accuracy_on_test(model, config: Config, episodes: int) -> Accuracy:
     e = config.episode
     sampler = EpisodeSampler(images, e.n_way, e.k_shot, e.q_query)
     runtime = Runtime.of(config.train)
-    return mean_ci(episode_accuracies(model, sampler.fixed_episodes(episodes, 0, TEST), runtime))
+    return mean_ci(
+        episode_accuracies(model, sampler.fixed_episodes(episodes, 0, Stream.TEST), runtime)
+    )
 
 
 def run(

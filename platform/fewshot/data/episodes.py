@@ -24,9 +24,7 @@ import torch
 
 from fewshot.data.store import ImageSet, normalise
 from fewshot.errors import DataError
-
-# Streams keep training, validation and test episodes independent for one seed.
-TRAIN, VAL, TEST = 0, 1, 2
+from fewshot.streams import Stream
 
 
 @dataclass
@@ -162,17 +160,19 @@ class EpisodeSampler:
             x = self.jitter(x.float(), generator)
         return normalise(x, self.images.mean, self.images.std)
 
-    def episode(self, stream: int, seed: int, step: int, task: int = 0) -> Episode:
+    def episode(self, stream: Stream, seed: int, step: int, task: int = 0) -> Episode:
         rng = np.random.default_rng([stream, seed, step, task])
         return self.build(*self.sample_indices(rng), rng)
 
     def episode_of_classes(
-        self, classes: list[int], stream: int, seed: int, step: int, task: int = 0
+        self, classes: list[int], stream: Stream, seed: int, step: int, task: int = 0
     ) -> Episode:
         """An episode over the given classes, fresh images (MTL's hard tasks)."""
         rng = np.random.default_rng([stream, seed, step, task])
         return self.build(*self.sample_indices(rng, np.asarray(classes)), rng)
 
-    def fixed_episodes(self, count: int, seed: int, stream: int = TEST) -> Iterator[Episode]:
+    def fixed_episodes(
+        self, count: int, seed: int, stream: Stream = Stream.TEST
+    ) -> Iterator[Episode]:
         """The evaluation episodes, built one at a time: the same for every method and run."""
         return (self.episode(stream, seed, 0, i) for i in range(count))

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from fewshot.config import Config
-from fewshot.data.episodes import TEST, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import ImageSet, load_split
 from fewshot.errors import RegistryError, RequestError
 from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
@@ -45,6 +45,7 @@ from fewshot.registry.versions import (
     require_model,
     require_version,
 )
+from fewshot.streams import Stream
 
 TEST_NAME = "paired t-test, one-sided"
 
@@ -132,7 +133,9 @@ class GateEpisodes:
         sampler = EpisodeSampler(
             view, self.n_way, self.k_shot, self.q_query, within_group=self.within_group
         )
-        return episode_accuracies(model.method, sampler.fixed_episodes(self.count, self.seed, TEST))
+        return episode_accuracies(
+            model.method, sampler.fixed_episodes(self.count, self.seed, Stream.TEST)
+        )
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,15 @@ from torch import nn
 from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
-from fewshot.data.episodes import TRAIN, VAL, Episode, EpisodeSampler, tasks_for_rank
+from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
 from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
 from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
 from fewshot.runtime import Execution, Probe, Runtime, module_probe
+from fewshot.streams import Stream
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.pretrain import pretrain
-
-HARD = 5  # random stream of hard tasks (episodes 0..3, pre-training 4)
-HOLD_OUT = 6  # random stream of the validation groups held out of the train split
 
 
 def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -148,7 +146,7 @@ def hold_out_groups(
             "so that some remain for training"
         )
     names = sorted(groups)
-    rng = np.random.default_rng([HOLD_OUT, seed])
+    rng = np.random.default_rng([Stream.HOLD_OUT, seed])
     held = {names[i] for i in rng.choice(len(names), count, replace=False).tolist()}
     val = [c for name in names if name in held for c in groups[name]]
     train = [c for name in names if name not in held for c in groups[name]]
@@ -234,7 +232,7 @@ class Worker:
         """The step the runtime's candidates are timed on: the method's loss on this run's
         first training episode, forward and backward."""
         c = self.config
-        episode = self.sampler.episode(TRAIN, c.seed, 0, 0)
+        episode = self.sampler.episode(Stream.TRAIN, c.seed, 0, 0)
         work = {
             "method": c.method.model_dump(mode="json"),
             "backbone": c.backbone.model_dump(mode="json"),
@@ -264,15 +262,17 @@ class Worker:
         """The loss of task `task` of this step, and the episode whose labels it uses."""
         if self.mixup:
             return self.mixup.loss(self.method, self.step, task, self.to_device)
-        episode = self.to_device(self.sampler.episode(TRAIN, self.config.seed, self.step, task))
+        episode = self.to_device(
+            self.sampler.episode(Stream.TRAIN, self.config.seed, self.step, task)
+        )
         return self.method.loss(episode), episode
 
     def hard_task_loss(self, task: int) -> tuple[Loss, Episode]:
         """A task over n_way of the recorded failure classes, with fresh images."""
         seed, step = self.config.seed, self.step
-        rng = np.random.default_rng([HARD, seed, step, task])
+        rng = np.random.default_rng([Stream.HARD, seed, step, task])
         classes = rng.choice(self.failures, self.sampler.n_way, replace=False)
-        episode = self.sampler.episode_of_classes(classes.tolist(), HARD, seed, step, task)
+        episode = self.sampler.episode_of_classes(classes.tolist(), Stream.HARD, seed, step, task)
         episode = self.to_device(episode)
         return self.method.loss(episode), episode
 
@@ -346,7 +346,9 @@ class Worker:
             return float("nan")
         comm, count = self.comm, self.config.train.val_episodes
         mine = [i for i in range(count) if i % comm.world_size == comm.rank]
-        episodes = (self.val_sampler.episode(VAL, self.config.evaluate.seed, 0, i) for i in mine)
+        episodes = (
+            self.val_sampler.episode(Stream.VAL, self.config.evaluate.seed, 0, i) for i in mine
+        )
         accuracies = episode_accuracies(self.method, episodes, self.runtime)
         total = comm.all_reduce_sum(
             torch.tensor([sum(accuracies)], dtype=torch.float64, device=self.device)

@@ -23,15 +23,14 @@ from torch import nn
 from fewshot.config import PretrainConfig
 from fewshot.data.episodes import to_device
 from fewshot.data.store import ImageSet, normalise
+from fewshot.streams import Stream
 from fewshot.train.comm import all_reduce_gradients
-
-PRETRAIN = 4  # random stream of pre-training batches (episodes use 0..3)
 
 
 def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """The images of pre-training step `step`: [batch_size] indices, with replacement
     across steps, none repeated within one."""
-    rng = np.random.default_rng([PRETRAIN, seed, step])
+    rng = np.random.default_rng([Stream.PRETRAIN, seed, step])
     return rng.choice(n_images, size=min(batch_size, n_images), replace=False)
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from fewshot.config import Config, as_dict, resolved_yaml, validate
-from fewshot.data.episodes import TEST, EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split, require_splits, split_census
 from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.runtime import Runtime
 from fewshot.safety import load_weights, remove_inside
+from fewshot.streams import Stream
 from fewshot.tracking import Tracker, download_artifact
 from fewshot.train.loop import Worker, fit
 
@@ -134,7 +135,7 @@ def evaluate_method(
         test, e.n_way, e.k_shot, e.q_query, within_group=config.eval_within_group()
     )
     count = episode_count(episodes, config.evaluate.episodes)
-    fixed = sampler.fixed_episodes(count, config.evaluate.seed, TEST)
+    fixed = sampler.fixed_episodes(count, config.evaluate.seed, Stream.TEST)
     return mean_ci(episode_accuracies(method, fixed, runtime))
 
 
