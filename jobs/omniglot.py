@@ -25,23 +25,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from rich.console import Console  # noqa: E402
 
-from fewshot.config import Config, load_config, read_yaml  # noqa: E402
+from fewshot.config import Config, load_config  # noqa: E402
 from fewshot.data.sources import omniglot  # noqa: E402
 from fewshot.errors import DataError, FewShotError  # noqa: E402
 from fewshot.registry.gate import promote  # noqa: E402
 from fewshot.registry.versions import CHAMPION, alias_version, connect, register  # noqa: E402
+from fewshot.run_dir import RunDir  # noqa: E402
 from fewshot.train.budget import fit_to_budget, scaled_to  # noqa: E402
 from fewshot.train.runner import train  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "omniglot.yaml"
 
 
-def within_budget(config: Config, run_dir: Path, console: Console) -> Config:
+def within_budget(config: Config, run_dir: RunDir, console: Console) -> Config:
     """The config to train: scaled to OMNIGLOT_TRAIN_MINUTES on this machine, or, for a
     run started before, to the step count it started with."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():  # decided when the run started; a resumed run keeps it
-        steps = read_yaml(saved).get("train", {}).get("steps", config.train.steps)
+    saved = run_dir.saved_config()
+    if saved is not None:  # decided when the run started; a resumed run keeps it
+        steps = saved.get("train", {}).get("steps", config.train.steps)
         return config if steps == config.train.steps else scaled_to(config, steps)
     minutes = float(os.environ.get("OMNIGLOT_TRAIN_MINUTES", "40"))
     budget = fit_to_budget(config, minutes)
@@ -64,16 +65,16 @@ def main(overrides: list[str]) -> None:
     console.print(f"[bold]1/3[/] dataset: {', '.join(map(str, zips))} -> {config.data.path}")
     omniglot.prepare(zips, config.data.path)
 
-    run_dir = config.train.output_dir / config.name
-    if (run_dir / "model.pt").is_file():
-        console.print(f"[bold]2/3[/] trained already: {run_dir / 'model.pt'}")
+    run_dir = RunDir.of(config)
+    if run_dir.finished():
+        console.print(f"[bold]2/3[/] trained already: {run_dir.model}")
     else:
         console.print(f"[bold]2/3[/] train {config.name} (resumes from its last checkpoint)")
         config = within_budget(config, run_dir, console)
         train(config, progress=True)  # a bar on a terminal, else a line every 5%
 
     client = connect(config.tracking.uri)
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    run_id = run_dir.run_id()
     versions = client.search_model_versions(f"name='{name}'")
     mine = [str(v.version) for v in versions if v.run_id == run_id]
     if not mine:  # stopped between training and registration

@@ -143,18 +143,18 @@ def test_the_pyfunc_refuses_an_artifact_that_runs_code(evil):
 
 
 def test_ray_and_tune_checkpoints_that_run_code_are_refused(tmp_path, evil):
-    from fewshot.train.distributed import STATE, load_state
+    from fewshot.model_file import RAY_STATE, load_ray_checkpoint
     from fewshot.tune.search import best_model, checkpoint_model
 
     path, marker = evil
     checkpoint = tmp_path / "checkpoint_000001"
     checkpoint.mkdir()
-    (checkpoint / STATE).write_bytes(path.read_bytes())
+    (checkpoint / RAY_STATE).write_bytes(path.read_bytes())
     trial = tmp_path / "search" / "s-1"
     trial.mkdir(parents=True)
     (trial / "model.pt").write_bytes(path.read_bytes())
     loaders = [
-        lambda: load_state(checkpoint),  # Ray Train resume and the driver's final model
+        lambda: load_ray_checkpoint(checkpoint),  # Ray Train resume and the driver's final model
         lambda: checkpoint_model(str(checkpoint)),  # Tune: a trial stopped early
         lambda: best_model({"trial": "s-1", "checkpoint_path": None}, tmp_path / "search"),
     ]

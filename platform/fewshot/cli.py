@@ -314,7 +314,8 @@ def train(
     if dry_run:
         console.print(resolved_yaml(cfg), highlight=False)
         return
-    from fewshot.train.runner import evaluation_row, train
+    from fewshot.evaluate import evaluation_row
+    from fewshot.pipeline import train
 
     # Progress shows as a bar on a terminal and as plain lines in a log (ray job logs, CI).
     result = train(cfg, restart=restart, progress=True)
@@ -346,9 +347,10 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Accuracy with a 95% CI on fixed test episodes (the same for every method)."""
-    from fewshot.train.runner import evaluate_method, evaluation_row, load_model, with_settings
+    from fewshot.evaluate import evaluate_method, evaluation_row
+    from fewshot.model_file import from_run, with_settings
 
-    config, method = load_model(run)
+    config, method = from_run(run)
     if set_:
         config, method = with_settings(config, method, set_)
     accuracy = evaluate_method(method, config, episodes, split)
@@ -379,7 +381,8 @@ def demo(
     5-way 1-shot, evaluated on 600 fixed episodes of unseen scripts."""
     from fewshot.config import load_config
     from fewshot.data.sources import synthetic
-    from fewshot.train.runner import evaluation_row, train
+    from fewshot.evaluate import evaluation_row
+    from fewshot.train.runner import train
 
     data = workdir / "data" / "synthetic"
     console.print(f"[bold]1/3[/] dataset: synthetic glyphs -> {data}")

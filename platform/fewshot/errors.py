@@ -31,3 +31,7 @@ class RequestError(FewShotError):
 
 class ServeError(FewShotError):
     """The scoring server cannot be started or reached."""
+
+
+class Interrupted(FewShotError):
+    """A long job stopped before its end; the message says how to continue it."""

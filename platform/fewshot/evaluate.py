@@ -1,7 +1,8 @@
 """Fixed test episodes -> mean accuracy and 95% confidence interval.
 
 CI = 1.96 * std / sqrt(n) over per-episode accuracies (population std, as the
-few-shot literature reports it).
+few-shot literature reports it). The test episodes of a config depend only on its test
+split, evaluation shape and `evaluate.seed`, so every method is scored on the same ones.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fewshot.data.episodes import Episode
-from fewshot.errors import ConfigError
+from fewshot.config import Config
+from fewshot.data.episodes import Episode, EpisodeSampler
+from fewshot.data.store import load_split, split_census
+from fewshot.errors import ConfigError, DataError
 from fewshot.methods.base import FewShotMethod
+from fewshot.runtime import Runtime
+from fewshot.streams import Stream
 
 
 @dataclass
@@ -71,3 +76,62 @@ def episode_accuracies(
     finally:
         method.train(was_training)
     return accuracies
+
+
+def check_test_split(config: Config, split: str | None = None) -> None:
+    """Refuse, before anything trains or loads, a test split that cannot give the fixed
+    test episodes (missing, too few classes or images, unreadable parts), naming the
+    setting to change."""
+    split = split or config.data.test_split
+    e = config.eval_episode()
+    counts, per_group = split_census(config.data.path, split)
+    setting = "evaluate.n_way" if config.evaluate.n_way else "episode.n_way"
+    within = config.eval_within_group()
+    largest = max(per_group.values()) if within else len(counts)
+    if largest < e.n_way:
+        where = f"its largest group has {largest}" if within else f"it has {largest}"
+        raise DataError(
+            f"{setting}: {e.n_way} classes per test episode, but split {split!r} of "
+            f"{config.data.path} cannot give them ({where}); lower {setting}"
+            + (" or set evaluate.within_group=false" if within else "")
+        )
+    needed = e.k_shot + e.q_query
+    if min(counts) < needed:
+        raise DataError(
+            f"split {split!r} of {config.data.path} has a class of {min(counts)} images, fewer "
+            f"than the test episodes' k_shot + q_query = {needed}; lower evaluate.k_shot or "
+            "evaluate.q_query"
+        )
+
+
+def evaluate_method(
+    method: FewShotMethod, config: Config, episodes: int | None = None, split: str | None = None
+) -> Accuracy:
+    """Accuracy on the fixed test episodes of `config` (test split, eval shape, eval seed),
+    computed where and how the config trains (device, precision, memory format)."""
+    check_test_split(config, split)
+    runtime = Runtime.of(config.train)
+    method.to(runtime.device, memory_format=runtime.memory_format)
+    e = config.eval_episode()
+    test = load_split(config.data.path, split or config.data.test_split, config.data.image_size)
+    sampler = EpisodeSampler(
+        test, e.n_way, e.k_shot, e.q_query, within_group=config.eval_within_group()
+    )
+    count = episode_count(episodes, config.evaluate.episodes)
+    fixed = sampler.fixed_episodes(count, config.evaluate.seed, Stream.TEST)
+    return mean_ci(episode_accuracies(method, fixed, runtime))
+
+
+def evaluation_row(config: Config, accuracy: Accuracy) -> dict:
+    e = config.eval_episode()
+    return {
+        "method": config.method.name,
+        "backbone": config.backbone.name,
+        "dataset": str(config.data.path),
+        "split": config.data.test_split,
+        "task": f"{e.n_way}-way {e.k_shot}-shot",
+        "within_group": config.eval_within_group(),
+        "episodes": accuracy.episodes,
+        "accuracy": round(accuracy.mean, 4),
+        "ci95": round(accuracy.ci95, 4),
+    }

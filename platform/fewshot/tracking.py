@@ -13,10 +13,14 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fewshot.config import Config, as_dict, config_hash, flatten, resolved_yaml
+from fewshot.errors import Interrupted
+from fewshot.run_dir import RunDir
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -76,6 +80,7 @@ class Tracker:
         self.config = config
         self.enabled = enabled and config.tracking.enabled
         self.run_id = run_id if self.enabled else None
+        self.resumed = False  # whether `start` reopened an existing run
         self._client = None
 
     @property
@@ -95,7 +100,7 @@ class Tracker:
             return None
         if resume_run_id:
             self.client.update_run(resume_run_id, status="RUNNING")
-            self.run_id = resume_run_id
+            self.run_id, self.resumed = resume_run_id, True
             return self.run_id
 
         name = self.config.tracking.experiment
@@ -157,6 +162,26 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def tracked_run(
+    config: Config, run_dir: RunDir, tags: dict[str, str] | None = None
+) -> Iterator[Tracker]:
+    """The one lifecycle of a tracked run: reopen the MLflow run that `run_dir` names, or
+    create one and write its id there; yield its Tracker; end it FINISHED, KILLED (an
+    `Interrupted` job, to be continued) or FAILED."""
+    tracker = Tracker(config)
+    run_dir.record_run_id(tracker.start(run_dir.run_id(), tags=tags))
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except Interrupted:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
 
 
 def download_artifact(run_id: str, path: str, uri: str | None = None) -> Path:

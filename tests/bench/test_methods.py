@@ -5,7 +5,8 @@ from mlflow import MlflowClient
 from fewshot.bench import methods
 from fewshot.config import validate
 from fewshot.errors import ConfigError
-from fewshot.train.runner import evaluate_method, load_model
+from fewshot.evaluate import evaluate_method
+from fewshot.model_file import from_run
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_every_row_is_tested_on_every_task_with_a_second_model_where_tied(workdi
     assert (workdir / "runs" / "tiny-maml-4w" / "model.pt").is_file()
     assert not (workdir / "runs" / "tiny-protonet-4w").exists()
     # The table's figures are the fixed test episodes of each task, recomputed here.
-    config, method = load_model(workdir / "runs" / "tiny-protonet")
+    config, method = from_run(workdir / "runs" / "tiny-protonet")
     raw = config.model_dump(mode="json")
     raw["evaluate"]["n_way"] = 4
     again = evaluate_method(method, validate(raw))

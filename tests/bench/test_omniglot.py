@@ -5,10 +5,10 @@ from fewshot.bench import omniglot
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import ConfigError
-from fewshot.evaluate import episode_accuracies, mean_ci
+from fewshot.evaluate import episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble
+from fewshot.model_file import from_run, with_settings
 from fewshot.streams import Stream
-from fewshot.train.runner import evaluate_method, load_model, with_settings
 
 
 @pytest.fixture
@@ -42,13 +42,13 @@ def test_rows_share_models_and_their_figures_are_the_fixed_test_episodes(workdir
     # Three rows, two models: the test-time row and the first member reuse the recipe's.
     runs = sorted(p for p in (workdir / "runs").iterdir() if (p / "model.pt").is_file())
     assert len(runs) == 2
-    config, method = load_model(results_run(runs, seed=0))
+    config, method = from_run(results_run(runs, seed=0))
     recipe, one_view, pair = (r["accuracy"]["20w1s"] for r in results)
     assert recipe.mean == pytest.approx(evaluate_method(method, config).mean)
     tested, rebuilt = with_settings(config, method, ["method.test_views=1"])
     assert one_view.mean == pytest.approx(evaluate_method(rebuilt, tested).mean)
     # The ensemble's figure: both members' mean log-probabilities on the same episodes.
-    members = [load_model(r)[1] for r in runs]
+    members = [from_run(r)[1] for r in runs]
     images = load_split(config.data.path, config.data.test_split, 16)
     episodes = EpisodeSampler(images, 3, 1, 1, within_group=True).fixed_episodes(20, 0, Stream.TEST)
     assert pair.mean == pytest.approx(mean_ci(episode_accuracies(Ensemble(members), episodes)).mean)

@@ -18,12 +18,12 @@ from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split, read_manifest
 from fewshot.errors import RequestError
 from fewshot.methods import build_method
+from fewshot.model_file import from_run
 from fewshot.registry.gate import promote
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import INPUTS, FewShotModel
 from fewshot.registry.versions import current, register
 from fewshot.streams import Stream
-from fewshot.train.runner import load_model
 
 
 def raw_images(store: Path, split: str) -> list[bytes]:
@@ -43,7 +43,7 @@ def test_champion_through_models_uri_answers_like_the_in_memory_model(omniglot_r
     assert version.aliases == ["challenger"]
     assert promote("roundtrip", uri=runs.uri).outcome == "first"
 
-    config, method = load_model(runs.dirs["good"])
+    config, method = from_run(runs.dirs["good"])
     split = load_split(runs.store, "small2", config.data.image_size)
     sampler = EpisodeSampler(split, n_way=5, k_shot=1, q_query=15)
     classes, indices = sampler.sample_indices(np.random.default_rng([Stream.TEST, 0, 0, 0]))

@@ -9,9 +9,9 @@ from mlflow import MlflowClient
 
 from fewshot.config import load_config
 from fewshot.errors import ConfigError, RegistryError
+from fewshot.pipeline import train
 from fewshot.registry.versions import current, register, versions
 from fewshot.tracking import tracking_uri
-from fewshot.train.runner import train
 
 
 def test_training_registers_its_model_when_asked(workdir, synthetic_store, tiny):

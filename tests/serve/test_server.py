@@ -20,11 +20,11 @@ import pytest
 
 from fewshot.config import load_config
 from fewshot.errors import RequestError, ServeError
+from fewshot.pipeline import train
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load
 from fewshot.serve import Client
 from fewshot.serve.client import _error_message, request_body
-from fewshot.train.runner import train
 
 
 def free_port() -> int:

@@ -7,7 +7,9 @@ import pytest
 from fewshot.config import load_config, resolved_yaml
 from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import mean_ci
-from fewshot.train.runner import evaluate_method, load_model, train
+from fewshot.evaluate import evaluate_method
+from fewshot.model_file import from_run
+from fewshot.train.runner import train
 
 
 def config(store, *overrides):
@@ -46,7 +48,7 @@ def test_run_is_tracked_in_mlflow_and_reloads_to_the_same_accuracy(workdir, synt
     assert table[0]["accuracy"] == round(result.test.mean, 4)
     # The logged model and the run directory give back the same accuracy on the same episodes.
     for source in (result.run_id, str(result.run_dir)):
-        loaded_config, method = load_model(source)
+        loaded_config, method = from_run(source)
         assert loaded_config == cfg
         assert evaluate_method(method, loaded_config).mean == pytest.approx(result.test.mean)
 
@@ -63,7 +65,7 @@ def test_finished_and_mismatched_runs_are_refused(workdir, synthetic_store):
 
 def test_unknown_model_source(workdir):
     with pytest.raises(CheckpointError, match="no such model file"):
-        load_model("runs/none/model.pt")
+        from_run("runs/none/model.pt")
 
 
 def test_mean_ci_formula():

@@ -28,9 +28,10 @@ import yaml
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, apply_overrides, as_dict, set_value, validate
 from fewshot.errors import ConfigError
-from fewshot.evaluate import Accuracy
+from fewshot.evaluate import Accuracy, evaluate_method
+from fewshot.model_file import from_run
 from fewshot.tracking import Tracker
-from fewshot.train.runner import evaluate_method, load_model, train
+from fewshot.train.runner import train
 
 
 def read_bench(path: Path) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[st
                 started = time.perf_counter()
                 result = train(config, restart=True)
                 minutes += (time.perf_counter() - started) / 60
-                trained[config.episode.n_way] = (config, load_model(result.run_dir)[1], result.test)
+                trained[config.episode.n_way] = (config, from_run(result.run_dir)[1], result.test)
             config, method, accuracy = trained[config.episode.n_way]
             if test.eval_episode() != config.eval_episode():  # train() tested the other shape
                 accuracy = evaluate_method(method, test)

@@ -31,11 +31,12 @@ from fewshot.config import Config, as_dict, set_value, validate
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import load_split
 from fewshot.errors import ConfigError
-from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
+from fewshot.evaluate import Accuracy, episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble
+from fewshot.model_file import from_run, with_settings
 from fewshot.streams import Stream
 from fewshot.tracking import tracking_uri
-from fewshot.train.runner import evaluate_method, load_model, train, with_settings
+from fewshot.train.runner import train
 
 HUMAN_ERROR = 4.5  # % (Lake et al. 2015), the same task on the evaluation alphabets
 ROW_KEYS = {"name", "set", "test_set", "ensemble", "curve"}
@@ -83,7 +84,7 @@ class Models:
             started = time.perf_counter()
             result = train(config, restart=True, progress=sys.stderr.isatty())
             minutes = (time.perf_counter() - started) / 60
-            _, method = load_model(result.run_dir)
+            _, method = from_run(result.run_dir)
             self.trained[config.name] = (config, method, result.test, minutes, result.run_id)
         return self.trained[config.name]
 

@@ -10,7 +10,7 @@ Answer: one `{"label": str, "probabilities": {label: float}}` per query, in orde
 Class i of the task is the i-th distinct label of `support_labels`; classes may have
 different numbers of support images.
 
-The logged model holds the weights file (`model.pt`: config, channels, state dict)
+The logged model holds the model file (`model.pt`, model_file.py)
 as an artifact and the preprocessing as its `model_config`, so loading it needs
 only this package installed, never the dataset. It is logged "from code"
 (`model_code.py`), not pickled: MLflow refuses pickled models by default.
@@ -31,11 +31,12 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Map, Schema, TensorSpec
 from PIL import Image
 
+import fewshot
+from fewshot import model_file
 from fewshot.config import Config
 from fewshot.errors import ConfigError, FewShotError, RegistryError, RequestError
 from fewshot.methods import FewShotMethod
 from fewshot.registry.preprocess import Preprocessing
-from fewshot.safety import load_weights
 
 INPUTS = ("support_images", "support_labels", "query_images")
 SIGNATURE = ModelSignature(
@@ -61,10 +62,9 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     preprocessing: Preprocessing
 
     def load_context(self, context) -> None:
-        from fewshot.train.runner import method_from_file
-
-        state = load_weights(context.artifacts[ARTIFACT], "a registered fewshot model")
-        self.config, self.method = method_from_file(state)
+        self.config, self.method = model_file.load(
+            context.artifacts[ARTIFACT], "a registered fewshot model"
+        )
         self.method.eval()
         self.preprocessing = Preprocessing.from_dict(context.model_config)
 
@@ -161,16 +161,14 @@ def input_example(config: Config, preprocessing: Preprocessing) -> dict[str, np.
     }
 
 
-def log_model(run_id: str, model_file: Path, config: Config, preprocessing: Preprocessing) -> str:
-    """Log the pyfunc into training run `run_id` of MLflow's current tracking URI; returns
-    the logged model's URI (`models:/m-...`)."""
-    import fewshot
-
+def log_model(run_id: str, path: Path, config: Config, preprocessing: Preprocessing) -> str:
+    """Log the pyfunc of the model file at `path` into training run `run_id` of MLflow's
+    current tracking URI; returns the logged model's URI (`models:/m-...`)."""
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="fewshot",
             python_model=str(MODEL_CODE),
-            artifacts={ARTIFACT: str(model_file)},
+            artifacts={ARTIFACT: str(path)},
             model_config=preprocessing.as_dict(),
             signature=SIGNATURE,
             input_example=input_example(config, preprocessing),

@@ -25,11 +25,11 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from fewshot.config import Config, validate
+from fewshot import model_file
+from fewshot.config import Config
 from fewshot.errors import RegistryError
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import FewShotModel, load_model, log_model
-from fewshot.safety import load_weights
 from fewshot.tracking import tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -109,14 +109,14 @@ def register(
             "register a finished training run"
         )
     with current(uri), tempfile.TemporaryDirectory(prefix="fewshot-") as scratch:
-        model_file = Path(
+        path = Path(
             mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="model/model.pt", dst_path=scratch
+                run_id=run_id, artifact_path=model_file.RUN_ARTIFACT, dst_path=scratch
             )
         )
-        config = validate(load_weights(model_file, "a fewshot model file")["config"])
+        config = model_file.config_of(model_file.read(path))
         preprocessing = Preprocessing.of_dataset(data or config.data.path, config.data.image_size)
-        model_uri = log_model(run_id, model_file, config, preprocessing)
+        model_uri = log_model(run_id, path, config, preprocessing)
         version = mlflow.register_model(model_uri, name, tags=_tags(run, config))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)

@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 import fewshot
+from fewshot import model_file
 from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
-from fewshot.safety import load_weights, remove_inside
-from fewshot.tracking import Tracker
+from fewshot.safety import remove_inside
+from fewshot.tracking import Tracker, tracking_uri
 from fewshot.train.comm import Comm
+from fewshot.train.hooks import RoundLogger, log_runtime, log_train_classes
 from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
-from fewshot.train.runner import RoundLogger, log_runtime, log_train_classes, model_file
-
-STATE = "state.pt"
 
 
 class TorchDistributedComm(Comm):
@@ -45,12 +44,6 @@ class TorchDistributedComm(Comm):
     def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(flat)
         return flat
-
-
-def load_state(directory: str | Path) -> dict:
-    """A Train checkpoint of `worker_loop` ({"worker", "model"}): on shared storage anyone
-    with write access could have put it there, so it is read as weights only."""
-    return load_weights(Path(directory) / STATE, "a Ray Train checkpoint of this run")
 
 
 def worker_loop(loop_config: dict) -> None:
@@ -65,7 +58,7 @@ def worker_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory)
+            state = model_file.load_ray_checkpoint(directory)
         worker.load_state_dict(state["worker"])
     tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
     if checkpoint:
@@ -87,7 +80,8 @@ def worker_loop(loop_config: dict) -> None:
             ray.train.report(report)
             return
         with tempfile.TemporaryDirectory() as directory:
-            torch.save({"worker": w.state_dict(), "model": model_file(w)}, Path(directory) / STATE)
+            model = model_file.contents(config, w.method)
+            model_file.save_ray_checkpoint(directory, w.state_dict(), model)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(worker, logger.log, on_round)
@@ -173,8 +167,6 @@ def for_workers(config: Config) -> dict:
     """The config as workers need it: Ray runs them in other directories, so local
     paths and the tracking URI are made absolute here (on a multi-node cluster the
     data must be at the same path on every node, or on shared storage)."""
-    from fewshot.tracking import tracking_uri
-
     tree = as_dict(config)
     tree["data"]["path"] = str(config.data.path.resolve())
     tree["train"]["output_dir"] = str(config.train.output_dir.resolve())
@@ -232,5 +224,5 @@ def fit_on_ray(
     if result.error:
         raise FewShotError(f"training on Ray failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:
-        state = load_state(directory)
+        state = model_file.load_ray_checkpoint(directory)
     return state["model"], dict(result.metrics)

@@ -69,10 +69,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewshot import model_file
 from fewshot.config import Config, as_dict, resolved_yaml, validate
-from fewshot.errors import ConfigError, FewShotError
-from fewshot.evaluate import Accuracy
-from fewshot.tracking import Tracker, git_commit
+from fewshot.errors import ConfigError, FewShotError, Interrupted
+from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
+from fewshot.run_dir import RunDir
+from fewshot.tracking import Tracker, git_commit, tracked_run, tracking_uri
+from fewshot.train.distributed import check_resources, connect, fit_on_ray, storage_path
+from fewshot.train.loop import eval_rounds
 from fewshot.tune.space import SEARCH_FILE, TuneSpec, load_saved, read_tune_file, trial_config
 
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's Train driver
@@ -88,37 +92,25 @@ def run_trial(values: dict[str, Any], spec: dict, parent_run_id: str | None, com
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fewshot.train.distributed import fit_on_ray
-    from fewshot.train.runner import save_atomic
-
     search, base = spec["name"], spec["base"]
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, values, f"{search}-{trial_id}")
     directory = trial_dir(base, search, config.name)
     directory.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(directory)
     if (directory / RESULT).is_file():  # finished before an interruption: report, keep
         ray.tune.report(json.loads((directory / RESULT).read_text()))
         return
-    (directory / "config.yaml").write_text(resolved_yaml(config))
+    run_dir.config_file.write_text(resolved_yaml(config))
     with open(directory / "starts", "a") as starts:
         starts.write(f"{time.time():.3f} pid {os.getpid()}\n")
-    run_id_file = directory / "mlflow_run_id"
-    tracker = Tracker(config)
-    resume_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     tags = {"fewshot.search": search, "fewshot.trial_id": trial_id, "git.commit": commit}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run_id = tracker.start(resume_id, tags=tags)
-    if run_id:
-        run_id_file.write_text(run_id)
-    status = "FAILED"
-    try:
-        model, metrics = fit_on_ray(config, run_id, callbacks=[TuneReportCallback()])
-        save_atomic(model, directory / "model.pt")
-        tracker.artifact(directory / "model.pt", "model")
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
+    with tracked_run(config, run_dir, tags) as tracker:
+        model, metrics = fit_on_ray(config, tracker.run_id, callbacks=[TuneReportCallback()])
+        model_file.save(model, run_dir.model)
+        tracker.artifact(run_dir.model, "model")
     final = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     tmp = directory / f".{RESULT}.tmp"
     tmp.write_text(json.dumps(final))
@@ -231,10 +223,6 @@ def run_search(
 ) -> SearchResult:
     """Run (or, with `resume`, continue) a search; evaluate the best config on the test
     episodes. FewShotError when interrupted (how to continue is in the message)."""
-    import ray.tune
-
-    from fewshot.train.distributed import check_resources, connect, storage_path
-    from fewshot.train.runner import check_test_split
 
     spec, resuming = locate(Path(tune_file) if tune_file else None, overrides, resume)
     base = spec.base_config()
@@ -247,17 +235,18 @@ def run_search(
 
     parent_raw = as_dict(base)
     parent_raw["name"] = spec.name
-    parent = Tracker(validate(parent_raw))
-    run_id_file = search_dir / "mlflow_run_id"
-    resume_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-    parent_id = parent.start(
-        resume_id, tags={"fewshot.search": spec.name, "fewshot.role": "search"}
-    )
-    if parent_id:
-        run_id_file.write_text(parent_id)
-        if not resume_id:
+    tags = {"fewshot.search": spec.name, "fewshot.role": "search"}
+    with tracked_run(validate(parent_raw), RunDir(search_dir), tags) as parent:
+        if not parent.resumed:
             parent.text(spec.as_yaml(), "space.yaml")
+        return run_tuner(spec, resuming, base, parent, search_dir)
 
+
+def run_tuner(spec: TuneSpec, resuming: bool, base: Config, parent: Tracker, search_dir: Path):
+    """Run the Tuner (restored when resuming) to its end; collect and conclude."""
+    import ray.tune
+
+    parent_id = parent.run_id
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial, spec=spec.as_dict(), parent_run_id=parent_id, commit=git_commit()
@@ -266,29 +255,23 @@ def run_search(
     )
     storage = storage_path(base)
     experiment = f"{storage.rstrip('/')}/{spec.name}"
-    status = "FAILED"
-    try:
-        if resuming and ray.tune.Tuner.can_restore(experiment):
-            tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-        else:
-            tuner = tuner_for(spec, trainable, storage)
-        grid = tuner.fit()
-        done = ended_trials(experiment)
-        if done < spec.trials():
-            status = "KILLED"
-            raise FewShotError(
-                f"search {spec.name} was interrupted with {done} of {spec.trials()} trials "
-                f"done; continue it with: fewshot tune --resume {spec.name}"
-            )
-        rows = collect(spec, grid, parent_id)
-        if not rows:
-            first = next((r.error for r in grid if r.error), None)
-            raise FewShotError(f"search {spec.name}: every trial failed; the first: {first}")
-        result = conclude(spec, grid, rows, parent, search_dir)
-        result.failed = grid.num_errors
-        status = "FINISHED"
-    finally:
-        parent.end(status)
+    if resuming and ray.tune.Tuner.can_restore(experiment):
+        tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tuner_for(spec, trainable, storage)
+    grid = tuner.fit()
+    done = ended_trials(experiment)
+    if done < spec.trials():
+        raise Interrupted(
+            f"search {spec.name} was interrupted with {done} of {spec.trials()} trials "
+            f"done; continue it with: fewshot tune --resume {spec.name}"
+        )
+    rows = collect(spec, grid, parent_id)
+    if not rows:
+        first = next((r.error for r in grid if r.error), None)
+        raise FewShotError(f"search {spec.name}: every trial failed; the first: {first}")
+    result = conclude(spec, grid, rows, parent, search_dir)
+    result.failed = grid.num_errors
     return result
 
 
@@ -310,8 +293,6 @@ def nested_run_ids(spec: TuneSpec, parent_id: str | None) -> dict[str, str]:
         return {}
     from mlflow import MlflowClient
 
-    from fewshot.tracking import tracking_uri
-
     config = spec.base_config()
     client = MlflowClient(tracking_uri(config.tracking.uri))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -330,10 +311,6 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
     max_t, possibly before its process saved the model) gets its model from its last
     checkpoint, which holds the final weights."""
     from mlflow import MlflowClient
-
-    from fewshot.tracking import tracking_uri
-    from fewshot.train.loop import eval_rounds
-    from fewshot.train.runner import save_atomic
 
     metric = spec.search.metric
     client = None
@@ -355,11 +332,11 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
         directory = trial_dir(spec.base, spec.name, name)
         rounds, total = int(metrics.get("round", 0)), eval_rounds(config)
         stopped = result.error is None and rounds < total
-        model_path = directory / "model.pt"
+        model_path = RunDir(directory).model
         checkpoint = metrics.get("checkpoint_path")
         saved_here = False
         if result.error is None and not stopped and not model_path.is_file() and checkpoint:
-            save_atomic(checkpoint_model(checkpoint), model_path)
+            model_file.save(checkpoint_model(checkpoint), model_path)
             saved_here = True
         run_id = run_ids.get(metrics["trial_id"])
         row = {
@@ -391,19 +368,15 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
 
 def checkpoint_model(path: str) -> dict:
     """The model file inside a Train checkpoint of `worker_loop`."""
-    from fewshot.train.distributed import load_state
-
-    return load_state(path)["model"]
+    return model_file.load_ray_checkpoint(path)["model"]
 
 
 def best_model(row: dict[str, Any], search_dir: Path) -> dict:
     """The best trial's model file: its final model, or its last checkpoint's if the
     scheduler stopped it early."""
-    from fewshot.safety import load_weights
-
-    final = search_dir / row["trial"] / "model.pt"
+    final = RunDir(search_dir / row["trial"]).model
     if final.is_file():
-        return load_weights(final, "a trial's model file")
+        return model_file.read(final, "a trial's model file")
     if not row["checkpoint_path"]:
         raise FewShotError(f"trial {row['trial']} left no model and no checkpoint")
     return checkpoint_model(row["checkpoint_path"])
@@ -412,8 +385,6 @@ def best_model(row: dict[str, Any], search_dir: Path) -> dict:
 def conclude(spec: TuneSpec, grid, rows: list[dict], parent: Tracker, search_dir: Path):
     """Log the best config, its model, the plot and the trials to the parent run; test the
     best model (only it) on the test episodes."""
-    from fewshot.train.runner import evaluate_method, evaluation_row, method_from_file, save_atomic
-
     metric = spec.search.metric
     chosen = grid.get_best_result(metric, "max", scope="all")
     best = next(r for r in rows if r["trial"] == f"{spec.name}-{chosen.metrics['trial_id']}")
@@ -427,13 +398,14 @@ def conclude(spec: TuneSpec, grid, rows: list[dict], parent: Tracker, search_dir
         parent.client.log_batch(parent.run_id, params=params)
     parent.metrics({"best_val_acc": best["val_acc"]}, 0)
     model = best_model(best, search_dir)
-    save_atomic(model, search_dir / "model.pt")
-    parent.artifact(search_dir / "model.pt", "model")
+    best_path = RunDir(search_dir).model
+    model_file.save(model, best_path)
+    parent.artifact(best_path, "model")
     plot = search_dir / "objective_vs_params.png"
     plot_objective(spec, rows, best, plot)
     parent.artifact(plot)
     parent.table("trials", rows)
-    _, method = method_from_file(model)
+    _, method = model_file.build(model)
     test = evaluate_method(method, config)
     parent.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, 0)
     parent.table("evaluation", [evaluation_row(config, test)])

@@ -55,6 +55,8 @@ from fewshot.config import (
     validate,
 )
 from fewshot.errors import ConfigError
+from fewshot.train.distributed import for_workers
+from fewshot.train.loop import eval_rounds
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGES = ("uniform", "loguniform", "randint")
@@ -199,8 +201,6 @@ def read_tune_file(path: str | Path, overrides: list[str] | None = None) -> Tune
 
 def parse_tune(raw: dict[str, Any], root: Path, overrides: list[str] | None = None) -> TuneSpec:
     """A checked TuneSpec from a tune file's contents; `root` is where `base` is relative to."""
-    from fewshot.train.distributed import for_workers
-
     try:
         spec = TuneFile.model_validate(raw)
     except ValidationError as exc:
@@ -311,8 +311,6 @@ def check_value(base: dict[str, Any], path: str, kind: str, value: Any) -> None:
 
 def max_rounds(base: dict[str, Any], space: dict[str, Domain]) -> int:
     """The most evaluation rounds any trial runs (ASHA's max_t)."""
-    from fewshot.train.loop import eval_rounds
-
     fields = flatten(base)
     options = [space[p].candidates() if p in space else [fields[p]] for p in ROUND_FIELDS]
     most = 0

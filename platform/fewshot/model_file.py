@@ -1,0 +1,126 @@
+"""The model file and the checkpoints: written here and read here, nowhere else.
+
+    model file (runs/NAME/model.pt, a registered model's artifact, a search's best model)
+        {"config": the resolved config as a dict,
+         "channels": image channels the backbone takes,
+         "state_dict": the method's weights, on the CPU}
+
+    in-process checkpoint (runs/NAME/checkpoint.pt)
+        the training worker's state (`train.loop.Worker.state_dict`)
+
+    Ray Train checkpoint (a directory holding state.pt)
+        {"worker": the worker's state, "model": the model file at that step}
+
+A model file holds everything needed to rebuild the method: the config names the method
+and backbone, `channels` the input. Every file is written atomically (a temporary name,
+then a rename) and read as weights only (`safety.load_weights`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fewshot.config import Config, apply_overrides, as_dict, validate
+from fewshot.errors import CheckpointError
+from fewshot.methods import FewShotMethod, build_method
+from fewshot.run_dir import RunDir
+from fewshot.safety import load_weights
+from fewshot.tracking import download_artifact
+
+RAY_STATE = "state.pt"  # the file inside a Ray Train checkpoint directory
+RUN_ARTIFACT = "model/model.pt"  # where a training run logs its model file in MLflow
+
+
+def contents(config: Config, method: FewShotMethod) -> dict:
+    """The model file of `method`, trained under `config`."""
+    return {
+        "config": as_dict(config),
+        "channels": method.shape.channels,
+        "state_dict": {k: v.cpu() for k, v in method.state_dict().items()},
+    }
+
+
+def write_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary name, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(model: dict, path: Path) -> None:
+    write_atomic(model, path)
+
+
+def read(path: str | Path, what: str = "a fewshot model file") -> dict:
+    """The model file at `path`, checked to be one."""
+    model = load_weights(path, what)
+    if not isinstance(model, dict) or "config" not in model or "state_dict" not in model:
+        raise CheckpointError(f"{path}: not a fewshot model file; pass runs/NAME/model.pt")
+    return model
+
+
+def config_of(model: dict) -> Config:
+    return validate(model["config"])
+
+
+def build(model: dict) -> tuple[Config, FewShotMethod]:
+    """The trained method of a model file, and the config it was trained under."""
+    config = config_of(model)
+    method = build_method(config, model["channels"])
+    method.load_state_dict(model["state_dict"])
+    return config, method
+
+
+def load(path: str | Path, what: str = "a fewshot model file") -> tuple[Config, FewShotMethod]:
+    return build(read(path, what))
+
+
+def from_run(source: str | Path, tracking_uri: str | None = None) -> tuple[Config, FewShotMethod]:
+    """A trained method from a model file, a run directory, or an MLflow run id."""
+    path = Path(source)
+    if path.is_dir():
+        path = RunDir(path).model
+    if not path.is_file():
+        if path.suffix or os.sep in str(source):
+            raise CheckpointError(
+                f"{source}: no such model file or run directory; pass "
+                "runs/NAME, a .pt file or an MLflow run id"
+            )
+        try:
+            path = download_artifact(str(source), RUN_ARTIFACT, tracking_uri)
+        except Exception as exc:  # MLflow raises several types for an unknown run id
+            raise CheckpointError(
+                f"{source}: not a run directory, file or MLflow run id with "
+                f"a model ({type(exc).__name__}); check the id"
+            ) from None
+    return load(path)
+
+
+def with_settings(config: Config, method: FewShotMethod, overrides: list[str]):
+    """`config` with `--set` overrides, and the trained `method` rebuilt under it, so a
+    test-time setting of the method (`method.test_views`, MAML's eval steps) applies."""
+    changed = validate(apply_overrides(as_dict(config), overrides))
+    rebuilt = build_method(changed, method.shape.channels)
+    rebuilt.load_state_dict(method.state_dict())
+    return changed, rebuilt
+
+
+def save_checkpoint(worker_state: dict, path: Path) -> None:
+    write_atomic(worker_state, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return load_weights(path, "a checkpoint (or pass --restart)")
+
+
+def save_ray_checkpoint(directory: str | Path, worker_state: dict, model: dict) -> None:
+    torch.save({"worker": worker_state, "model": model}, Path(directory) / RAY_STATE)
+
+
+def load_ray_checkpoint(directory: str | Path) -> dict:
+    """A Ray Train checkpoint ({"worker", "model"}): on shared storage anyone with write
+    access could have put it there, so it is read as weights only."""
+    return load_weights(Path(directory) / RAY_STATE, "a Ray Train checkpoint of this run")
