@@ -3,6 +3,7 @@ import torch
 from fewshot.config import load_config
 from fewshot.methods import build_method
 from fewshot.methods.protonet import prototypes
+from fewshot.models.views import fixed_views
 
 
 def make(overrides=()):
@@ -46,8 +47,6 @@ def test_cosine_metric_and_temperature():
 
 
 def test_test_views_average_embeddings_at_test_time_only():
-    from fewshot.augment.images import fixed_views
-
     method = make(["method.test_views=3"])
     support_x, query_x = torch.randn(3, 1, 16, 16), torch.randn(4, 1, 16, 16)
     support_y = torch.arange(3)
