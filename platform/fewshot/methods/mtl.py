@@ -76,15 +76,15 @@ class MTL(FewShotMethod):
         self.freeze_backbone()
 
     @classmethod
-    def check(cls, config) -> None:
-        hard = config.method.params().get("hard_tasks", MTLParams().hard_tasks)
+    def check(cls, config, params: MTLParams) -> None:
+        hard = params.hard_tasks
         workers = config.distributed.workers
         if 0 < hard < workers:
             raise ConfigError(
                 f"method.hard_tasks: {hard} hard tasks cannot be shared by "
                 f"distributed.workers = {workers}; raise it to at least the number of workers"
             )
-        super().check(config)
+        super().check(config, params)
 
     def hard_tasks(self) -> int:
         return self.params.hard_tasks
