@@ -16,7 +16,7 @@ it only touches theta). Meta-test: SS fixed, theta adapts on each support set.
 
 Hard tasks (`hard_tasks` > 0): after each meta-batch the loop records every task's
 failure class (lowest query accuracy) and runs an extra meta-batch of tasks built
-from the recorded failure classes, with fresh images (train/loop.py).
+from the recorded failure classes, with fresh images (methods/hard_tasks.py).
 
 Decision: the frozen backbone's batch-norm keeps the pre-training statistics (eval
 mode), so at the start MTL's features are exactly the frozen extractor's.
