@@ -25,12 +25,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError
+from fewshot.methods import MethodParams, method_class
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
@@ -110,13 +112,32 @@ class BackboneConfig(Section):
 
 
 class MethodConfig(BaseModel):
-    """`name` picks the method; the other keys are that method's `Params`."""
+    """`name` picks the method; the other keys are that method's `Params`.
+
+    `validate` parses those keys once into `settings`, the typed object the method is
+    checked and built with, and fills in their defaults; the keys themselves stay the
+    section's (plain) contents, so YAML, `--set` and dumps see them as before."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "protonet"
+    # Not a field: a dump holds the keys, not a nested object.
+    _settings: MethodParams | None = PrivateAttr(None)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def settings(self) -> MethodParams:
+        if self._settings is None:
+            raise RuntimeError("method settings are parsed by fewshot.config.validate")
+        return self._settings
+
+    @classmethod
+    def parsed(cls, name: str, settings: MethodParams) -> MethodConfig:
+        """The section of method `name` with its parsed `settings`."""
+        section = cls(name=name, **settings.model_dump(mode="json"))
+        section._settings = settings
+        return section
 
 
 class PretrainConfig(Section):
@@ -320,8 +341,6 @@ def validate(raw: dict[str, Any]) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         _raise(exc)
-    from fewshot.methods import method_class  # methods import config types
-
     if config.distributed.workers > config.episode.meta_batch:
         raise ConfigError(
             f"episode.meta_batch: {config.episode.meta_batch} tasks cannot be shared by "
@@ -342,11 +361,11 @@ def validate(raw: dict[str, Any]) -> Config:
         )
     cls = method_class(config.method.name)
     try:
-        params = cls.Params.model_validate(config.method.params())
+        settings = cls.Params.model_validate(config.method.params())
     except ValidationError as exc:
         _raise(exc, prefix="method.")
-    config.method = MethodConfig(name=config.method.name, **params.model_dump(mode="json"))
-    cls.check(config)
+    config.method = MethodConfig.parsed(config.method.name, settings)
+    cls.check(config, settings)
     return config
 
 

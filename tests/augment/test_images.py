@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.augment.images import AffineJitter, fixed_views, rotated_classes
+from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.config import AugmentConfig
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.store import ImageSet
+from fewshot.models.views import fixed_views
 from fewshot.streams import Stream
 
 

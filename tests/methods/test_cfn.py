@@ -2,27 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import load_config
 from fewshot.errors import ConfigError
-from fewshot.methods import build_method
 from fewshot.methods.cfn import CIM, FRM, SRM
 from fewshot.methods.protonet import prototypes
 
 
-def make(*overrides):
-    torch.manual_seed(0)
-    config = load_config(
-        None,
-        [
-            "method.name=cfn",
-            "pretrain.steps=1",
-            "data.image_size=16",
-            "backbone.width=4",
-            "episode.n_way=3",
-            *overrides,
-        ],
+@pytest.fixture
+def make(make_method):
+    return lambda *overrides: make_method(
+        "method.name=cfn", "pretrain.steps=1", "episode.n_way=3", *overrides
     )
-    return build_method(config, channels=1)
 
 
 def episode(seed=1):
@@ -67,7 +56,7 @@ def test_frm_predicts_the_fusion_matrix_from_the_gram_matrix():
     torch.testing.assert_close(seen[0], (A @ A.T).flatten())
 
 
-def test_untrained_cfn_is_the_no_fusion_baseline():
+def test_untrained_cfn_is_the_no_fusion_baseline(make):
     for fusion in ("cim", "srm", "frm"):
         method = make(f"method.fusion={fusion}").eval()
         support_x, support_y, query_x = episode()
@@ -78,7 +67,7 @@ def test_untrained_cfn_is_the_no_fusion_baseline():
         torch.testing.assert_close(logits, 10.0 * z[6:] @ centres.T, rtol=1e-4, atol=1e-4)
 
 
-def test_ensemble_averages_the_three_modules_probabilities():
+def test_ensemble_averages_the_three_modules_probabilities(make):
     method = make("method.fusion=ensemble").eval()
     with torch.no_grad():
         for module in method.fusions.values():
@@ -96,7 +85,7 @@ def test_ensemble_averages_the_three_modules_probabilities():
 
 
 @pytest.mark.parametrize("finetune", [False, True])
-def test_frozen_extractor_gets_no_gradient(finetune):
+def test_frozen_extractor_gets_no_gradient(finetune, make):
     method = make(f"method.finetune_extractor={str(finetune).lower()}").train()
     support_x, support_y, query_x = episode()
     loss = F.cross_entropy(
@@ -110,7 +99,7 @@ def test_frozen_extractor_gets_no_gradient(finetune):
     assert method.backbone.training == finetune  # frozen: batch-norm keeps its statistics
 
 
-def test_bad_combinations_are_refused():
+def test_bad_combinations_are_refused(make):
     with pytest.raises(ConfigError, match="evaluate.n_way"):
         make("method.fusion=cim", "evaluate.n_way=5")
     make("method.fusion=srm", "evaluate.n_way=5")  # SRM has no n_way-sized parameter

@@ -1,12 +1,11 @@
 import torch
 
-from fewshot.config import validate
 from fewshot.methods import build_method
 from fewshot.methods.ensemble import Ensemble
 
 
-def test_an_ensemble_averages_its_members_log_probabilities():
-    config = validate({"backbone": {"width": 4}, "data": {"image_size": 16}})
+def test_an_ensemble_averages_its_members_log_probabilities(method_config):
+    config = method_config()
     members = []
     for seed in (0, 1):
         torch.manual_seed(seed)

@@ -5,26 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fewshot.config import load_config
 from fewshot.data.episodes import Episode
 from fewshot.errors import ConfigError
-from fewshot.methods import build_method
 
 
-def make(*overrides):
-    torch.manual_seed(0)
-    config = load_config(
-        None,
-        [
-            "method.name=maml",
-            "data.image_size=16",
-            "backbone.width=4",
-            "episode.n_way=2",
-            "method.inner_lr=0.3",
-            *overrides,
-        ],
+@pytest.fixture
+def make(make_method):
+    return lambda *overrides: make_method(
+        "method.name=maml", "episode.n_way=2", "method.inner_lr=0.3", *overrides
     )
-    return build_method(config, channels=1)
 
 
 def batch(seed=1):
@@ -37,7 +26,7 @@ def batch(seed=1):
     )
 
 
-def test_one_inner_step_is_one_sgd_step():
+def test_one_inner_step_is_one_sgd_step(make):
     method = make()
     support_x, support_y, _, _ = batch()
     adapted = method.adapt(support_x, support_y, steps=1, create_graph=False)
@@ -52,7 +41,7 @@ def test_one_inner_step_is_one_sgd_step():
         torch.testing.assert_close(dict(method.named_parameters())[name], value)
 
 
-def test_head_only_adaptation_leaves_the_backbone():
+def test_head_only_adaptation_leaves_the_backbone(make):
     method = make("method.adapt=head")
     support_x, support_y, _, _ = batch()
     adapted = method.adapt(support_x, support_y, steps=2, create_graph=False)
@@ -68,7 +57,7 @@ def meta_gradient(method, first_order):
     return torch.autograd.grad(method.loss(episode).total, params), episode
 
 
-def test_first_and_second_order_meta_gradients_match_their_formulas():
+def test_first_and_second_order_meta_gradients_match_their_formulas(make):
     """One inner step: theta' = theta - a g_s(theta).
     First order:  grad = g_q(theta').
     Second order: grad = (I - a H_s(theta)) g_q(theta')   (H_s: Hessian of the support loss)."""
@@ -94,7 +83,7 @@ def test_first_and_second_order_meta_gradients_match_their_formulas():
     assert difference > 1e-3  # the curvature term is really there
 
 
-def test_predict_adapts_even_under_no_grad():
+def test_predict_adapts_even_under_no_grad(make):
     method = make("method.eval_inner_steps=3").eval()
     support_x, support_y, query_x, _ = batch()
     with torch.no_grad():
@@ -103,6 +92,6 @@ def test_predict_adapts_even_under_no_grad():
     assert logits.shape == (6, 2) and not torch.allclose(logits, unadapted)
 
 
-def test_evaluation_way_must_match_the_head():
+def test_evaluation_way_must_match_the_head(make):
     with pytest.raises(ConfigError, match="evaluate.n_way"):
         make("evaluate.n_way=5")

@@ -2,28 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import load_config
 from fewshot.data.episodes import Episode
 from fewshot.errors import ConfigError
-from fewshot.methods import build_method
 from fewshot.models.backbones import build_backbone
 
 
-def make(*overrides):
-    torch.manual_seed(0)
-    config = load_config(
-        None,
-        [
-            "method.name=mtl",
-            "pretrain.steps=1",
-            "data.image_size=16",
-            "backbone.width=4",
-            "episode.n_way=2",
-            "method.inner_lr=0.5",
-            *overrides,
-        ],
+@pytest.fixture
+def make(make_method):
+    return lambda *overrides: make_method(
+        "method.name=mtl", "pretrain.steps=1", "episode.n_way=2", "method.inner_lr=0.5", *overrides
     )
-    return build_method(config, channels=1)
 
 
 def episode(seed=1):
@@ -35,7 +23,7 @@ def episode(seed=1):
 
 
 @pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
-def test_at_initialisation_features_are_the_frozen_extractors(backbone):
+def test_at_initialisation_features_are_the_frozen_extractors(backbone, make):
     method = make(f"backbone.name={backbone}").train()
     plain = build_backbone(backbone, 1, 4)
     plain.load_state_dict(method.backbone.state_dict())
@@ -45,7 +33,7 @@ def test_at_initialisation_features_are_the_frozen_extractors(backbone):
         torch.testing.assert_close(method.embed(x), plain(x))
 
 
-def test_scale_and_shift_act_per_filter_as_the_formula_says():
+def test_scale_and_shift_act_per_filter_as_the_formula_says(make):
     method = make()
     conv = method.backbone.blocks[0][0]
     ss = method.scale_shift[0]
@@ -59,7 +47,7 @@ def test_scale_and_shift_act_per_filter_as_the_formula_says():
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_only_scale_shift_and_classifier_receive_gradients():
+def test_only_scale_shift_and_classifier_receive_gradients(make):
     method = make().train()
     method.loss(episode()).total.backward()
     assert all(p.grad is None for p in method.backbone.parameters())
@@ -69,7 +57,7 @@ def test_only_scale_shift_and_classifier_receive_gradients():
     assert method.classifier.weight.grad.abs().sum() > 0
 
 
-def test_inner_step_is_one_sgd_step_on_the_classifier():
+def test_inner_step_is_one_sgd_step_on_the_classifier(make):
     method = make("method.inner_steps=1").eval()
     e = episode()
     with torch.no_grad():
@@ -82,7 +70,7 @@ def test_inner_step_is_one_sgd_step_on_the_classifier():
     torch.testing.assert_close(bias, b - 0.5 * b.grad)
 
 
-def test_bad_combinations_are_refused():
+def test_bad_combinations_are_refused(make):
     with pytest.raises(ConfigError, match="evaluate.n_way"):
         make("evaluate.n_way=5")
     with pytest.raises(ConfigError, match="method.hard_tasks"):

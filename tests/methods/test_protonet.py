@@ -1,17 +1,16 @@
+import pytest
 import torch
 
-from fewshot.config import load_config
-from fewshot.methods import build_method
 from fewshot.methods.protonet import prototypes
+from fewshot.models.views import fixed_views
 
 
-def make(overrides=()):
-    torch.manual_seed(0)
-    config = load_config(None, ["data.image_size=16", *overrides])
-    return build_method(config, channels=1).eval()
+@pytest.fixture
+def make(make_method):
+    return lambda overrides=(): make_method(*overrides).eval()
 
 
-def test_logits_are_minus_squared_distances_to_prototypes():
+def test_logits_are_minus_squared_distances_to_prototypes(make):
     method = make()
     support_x, query_x = torch.randn(6, 1, 16, 16), torch.randn(4, 1, 16, 16)
     support_y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -32,7 +31,7 @@ def test_prototypes_are_class_means():
     torch.testing.assert_close(centres, torch.tensor([[2.0, 1.0], [10.0, 10.0]]))
 
 
-def test_cosine_metric_and_temperature():
+def test_cosine_metric_and_temperature(make):
     method = make(["method.distance=cosine", "method.temperature=0.5"])
     support_x, query_x = torch.randn(4, 1, 16, 16), torch.randn(3, 1, 16, 16)
     support_y = torch.tensor([0, 1, 0, 1])
@@ -45,9 +44,7 @@ def test_cosine_metric_and_temperature():
     assert logits.abs().max() <= 2.0 + 1e-5
 
 
-def test_test_views_average_embeddings_at_test_time_only():
-    from fewshot.augment.images import fixed_views
-
+def test_test_views_average_embeddings_at_test_time_only(make):
     method = make(["method.test_views=3"])
     support_x, query_x = torch.randn(3, 1, 16, 16), torch.randn(4, 1, 16, 16)
     support_y = torch.arange(3)

@@ -2,10 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import load_config
 from fewshot.data.episodes import Episode
 from fewshot.errors import ConfigError
-from fewshot.methods import build_method
 from fewshot.methods.subspace import (
     class_bases,
     class_decorrelation,
@@ -24,9 +22,9 @@ TINY = [
 ]
 
 
-def make(overrides=()):
-    torch.manual_seed(0)
-    return build_method(load_config(None, [*TINY, *overrides]), channels=1)
+@pytest.fixture
+def make(make_method):
+    return lambda overrides=(): make_method(*TINY, *overrides)
 
 
 def projector(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +135,7 @@ def episode(n_way=5, k_shot=5, q_query=2) -> Episode:
     )
 
 
-def test_loss_is_ce_plus_weighted_penalties():
+def test_loss_is_ce_plus_weighted_penalties(make):
     method = make(["method.lambda1=0.3", "method.lambda2=2.0"])
     ep = episode()
     loss = method.loss(ep)
@@ -149,7 +147,7 @@ def test_loss_is_ce_plus_weighted_penalties():
     assert parts["decorr_features"] > 0 and parts["decorr_classes"] > 0
 
 
-def test_logits_are_minus_summed_distances_to_svd_class_subspaces():
+def test_logits_are_minus_summed_distances_to_svd_class_subspaces(make):
     method = make().eval()
     ep = episode(n_way=3, k_shot=2, q_query=2)
     ep.support_x[3] = torch.randn(1, 16, 16)  # no duplicates here: full-rank classes
@@ -166,7 +164,7 @@ def test_logits_are_minus_summed_distances_to_svd_class_subspaces():
     torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_gradients_stay_finite_and_moderate_with_a_duplicated_support_image():
+def test_gradients_stay_finite_and_moderate_with_a_duplicated_support_image(make):
     method = make()
     ep = episode()
     ep.support_x.requires_grad_(True)
@@ -180,12 +178,12 @@ def test_gradients_stay_finite_and_moderate_with_a_duplicated_support_image():
     assert ep.support_x.grad.abs().max() < 1.0
 
 
-def test_too_many_subspace_dimensions_are_refused():
+def test_too_many_subspace_dimensions_are_refused(make):
     with pytest.raises(ConfigError, match=r"2 x 6 = 12 exceeds the backbone's 4 features"):
         make(["backbone.width=4"])
 
 
 @pytest.mark.parametrize("key", ["episode", "evaluate"])
-def test_class_subspaces_as_large_as_the_shots_are_refused(key):
+def test_class_subspaces_as_large_as_the_shots_are_refused(key, method_config):
     with pytest.raises(ConfigError, match=rf"raise method.subspace_dim above {key}.k_shot"):
-        load_config(None, [*TINY, f"{key}.k_shot=6"])
+        method_config(*TINY, f"{key}.k_shot=6")

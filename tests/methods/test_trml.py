@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import load_config
 from fewshot.errors import ConfigError
 from fewshot.methods import build_method
 from fewshot.methods.trml import dual_softmax
@@ -13,12 +12,12 @@ from fewshot.methods.trml import dual_softmax
 TINY = ["data.image_size=16", "backbone.name=conv4_nopool", "backbone.width=4", "method.name=trml"]
 
 
-def make(overrides=()):
-    torch.manual_seed(0)
-    return build_method(load_config(None, [*TINY, *overrides]), channels=1).eval()
+@pytest.fixture
+def make(make_method):
+    return lambda overrides=(): make_method(*TINY, *overrides).eval()
 
 
-def test_scores_have_one_column_per_class():
+def test_scores_have_one_column_per_class(make):
     method = make(["method.proj_dim=3"])
     support_y = torch.tensor([0, 1, 2, 0, 1, 2])
     logits = method.predict(torch.randn(6, 1, 16, 16), support_y, torch.randn(5, 1, 16, 16))
@@ -44,7 +43,7 @@ def test_dual_softmax_is_row_softmax_times_column_softmax():
     assert (alpha.sum(dim=1) < 1).all() and (alpha.sum(dim=0) < 1).all()
 
 
-def test_identity_attention_is_a_cosine_classifier_on_class_mean_maps():
+def test_identity_attention_is_a_cosine_classifier_on_class_mean_maps(make):
     method = make(["method.attention=identity", "method.proj_dim=4"])
     assert method.query is None and method.key is None
     with torch.no_grad():
@@ -67,7 +66,7 @@ def test_identity_attention_is_a_cosine_classifier_on_class_mean_maps():
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_makes_the_support_depend_on_the_query():
+def test_attention_makes_the_support_depend_on_the_query(make):
     method = make(["method.proj_dim=4"])
     class_maps = torch.randn(2, 16, 4)
     query_maps = torch.randn(2, 16, 4)
@@ -81,7 +80,7 @@ def test_attention_makes_the_support_depend_on_the_query():
     assert not torch.allclose(adapted[0, 1], adapted[1, 1])
 
 
-def test_temperature_scales_the_scores():
+def test_temperature_scales_the_scores(make):
     method = make(["method.temperature_init=2.5"])
     support_x, query_x = torch.randn(3, 1, 16, 16), torch.randn(2, 1, 16, 16)
     support_y = torch.tensor([0, 1, 2])
@@ -91,13 +90,13 @@ def test_temperature_scales_the_scores():
     torch.testing.assert_close(logits, 2.5 * method.predict(support_x, support_y, query_x))
 
 
-def test_a_backbone_without_spatial_maps_is_refused():
-    config = load_config(None, ["data.image_size=28", "backbone.width=4", "method.name=trml"])
+def test_a_backbone_without_spatial_maps_is_refused(method_config):
+    config = method_config("data.image_size=28", "method.name=trml")
     with pytest.raises(ConfigError, match=r"4x1x1 at 28 px; use backbone.name=conv4_nopool"):
         build_method(config, channels=1)
 
 
-def test_value_and_output_projections_start_as_an_orthogonal_projector():
+def test_value_and_output_projections_start_as_an_orthogonal_projector(make):
     method = make(["method.proj_dim=3"])  # d = 3 < C = 4
     w_v, w_o = method.value.weight, method.out.weight  # [d, C], [C, d]
     torch.testing.assert_close(w_o, w_v.T)

@@ -15,6 +15,8 @@ LOOP = [
     "train.step_every=2",
     "train.gamma=0.5",
 ]
+# Pre-training, then hard tasks from a buffer of failure classes: part of the state.
+MTL = ["method.name=mtl", "pretrain.steps=3", "method.inner_steps=1", "method.hard_tasks=2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,7 @@ def run(worker: Worker, steps: int) -> list[dict]:
         ["method.name=maml", "method.inner_steps=1"],
         # Clusters recomputed on the embeddings at steps 0, 2, 4: part of the state.
         ["task_mixup.strategy=datg", "task_mixup.recluster_every=2"],
-        # Pre-training, then hard tasks from a buffer of failure classes: part of the state.
-        ["method.name=mtl", "pretrain.steps=3", "method.inner_steps=1", "method.hard_tasks=2"],
+        MTL,
     ],
     ids=["protonet", "maml", "datg", "mtl"],
 )
@@ -111,19 +112,6 @@ def test_validation_is_deterministic_and_restores_train_mode(small_config, data)
     assert worker.method.training
 
 
-def test_failure_class_is_the_class_with_the_lowest_query_accuracy():
-    from fewshot.data.episodes import Episode
-    from fewshot.train.loop import failure_class
-
-    query_y = torch.tensor([0, 0, 1, 1, 2, 2])
-    # class 0: 2/2 right, class 1: 0/2, class 2: 1/2
-    predicted = torch.tensor([0, 0, 2, 0, 2, 1])
-    logits = torch.nn.functional.one_hot(predicted, 3).float()
-    empty = torch.zeros(0)
-    episode = Episode(empty, empty, empty, query_y, torch.tensor([40, 41, 42]))
-    assert failure_class(logits, episode).item() == 41
-
-
 def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(small_config, data):
     config = small_config(
         "method.name=mtl",
@@ -135,27 +123,27 @@ def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(small_co
     )
     worker = Worker(config, data=data)
     step_classes = []
-    task_loss = worker.task_loss
+    task_loss = worker.tasks.loss
 
-    def recording(task):
-        loss, episode = task_loss(task)
+    def recording(*task):
+        loss, episode = task_loss(*task)
         step_classes.append(set(episode.classes.tolist()))
         return loss, episode
 
-    worker.task_loss = recording
+    worker.tasks.loss = recording
     hard_classes = []
-    hard_loss = worker.hard_task_loss
+    hard_loss = worker.hard_tasks.loss
 
-    def recording_hard(task):
-        loss, episode = hard_loss(task)
+    def recording_hard(*task):
+        loss, episode = hard_loss(*task)
         hard_classes.append(episode.classes.tolist())
         return loss, episode
 
-    worker.hard_task_loss = recording_hard
+    worker.hard_tasks.loss = recording_hard
     for _ in range(4):
         before = len(hard_classes)
         metrics = worker.train_step()
-        failures = list(worker.failures)
+        failures = list(worker.hard_tasks.failures)
         # every recorded failure class belongs to a task the model just trained on
         assert all(any(c in classes for classes in step_classes) for c in failures)
         if len(failures) >= 3:
@@ -163,6 +151,36 @@ def test_hard_tasks_are_built_from_exactly_the_recorded_failure_classes(small_co
             for classes in hard_classes[before:]:
                 assert len(classes) == 3 and set(classes) <= set(failures)
     assert hard_classes, "no hard meta-batch ran"
+
+
+def test_a_checkpoint_of_the_old_format_resumes_exactly(small_config, data):
+    """Checkpoints written while the failure classes lived in the Worker (keys step, model,
+    optimizer, scheduler, pretrained, failures, mixup) continue as an unbroken run."""
+    config = small_config(*MTL)
+    full = run(Worker(config, data=data), 6)
+    first = Worker(config, data=data)
+    run(first, 3)
+    state = first.state_dict()
+    old = {k: state[k] for k in ("step", "model", "optimizer", "scheduler", "pretrained", "mixup")}
+    old["failures"] = state["hard_tasks"]["failures"]
+    assert old["failures"]  # the memory is part of what must carry over
+    resumed = Worker(config, data=data)
+    resumed.load_state_dict(old)
+    assert run(resumed, 3) == full[3:]
+
+
+def test_a_run_without_hard_tasks_all_reduces_only_gradients_and_metrics(small_config, data):
+    worker = Worker(small_config(), data=data)
+    sizes = []
+
+    def all_reduce_sum(flat):
+        sizes.append(flat.numel())
+        return flat
+
+    worker.comm.all_reduce_sum = all_reduce_sum
+    metrics = worker.train_step()
+    metric_sums = len(metrics) - 1  # every metric but the learning rate is a sum of tasks'
+    assert sizes == [sum(p.numel() for p in worker.params) + metric_sums]
 
 
 def test_train_classes_restricts_the_base_classes(small_config):

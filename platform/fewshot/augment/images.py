@@ -1,12 +1,12 @@
-"""Image augmentation for training and testing: more classes, jittered episodes, test views.
+"""Augmentation of the training images: more classes, jittered episodes.
 
 - `rotated_classes`: every base class rotated by 90, 180 and 270 degrees becomes a new
   class (Santoro et al. 2016, Snell et al. 2017 on Omniglot): a rotated character is
   a different character, so the base classes quadruple.
 - `AffineJitter`: a random small rotation, scale, shear and shift per image, drawn
   from the episode's own generator, so an episode stays a pure function of its key.
-- `fixed_views`: fixed, deterministic variations of a batch (shifts by 5% of the side)
-  whose embeddings a method may average at test time.
+
+Test-time views travel with the model instead (models/views.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fewshot.config import AugmentConfig
 from fewshot.data.store import ImageSet
 from fewshot.errors import ConfigError
+from fewshot.models.views import affine_grids
 
 
 def rotated_classes(images: ImageSet) -> ImageSet:
@@ -43,12 +43,6 @@ def rotated_classes(images: ImageSet) -> ImageSet:
         mean=images.mean,
         std=images.std,
     )
-
-
-def affine_grids(theta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sample `like` [B, C, H, W] through the affine maps theta [B, 2, 3]; zero outside."""
-    grid = F.affine_grid(theta.to(like.dtype), list(like.shape), align_corners=False)
-    return F.grid_sample(like, grid, align_corners=False, padding_mode="zeros")
 
 
 class AffineJitter:
@@ -84,19 +78,3 @@ class AffineJitter:
         ) / scale.view(b, 1, 1)
         theta = torch.cat([linear, shift.unsqueeze(2)], 2)
         return affine_grids(theta, x)
-
-
-# Shifts of the test views, as fractions of the image side: the identity first.
-VIEW_SHIFTS = [(0.0, 0.0), (0.05, 0.0), (-0.05, 0.0), (0.0, 0.05), (0.0, -0.05)]
-
-
-def fixed_views(x: torch.Tensor, count: int) -> torch.Tensor:
-    """x [B, C, H, W] -> [count * B, C, H, W]: the first `count` of VIEW_SHIFTS, view-major."""
-    if count > len(VIEW_SHIFTS):
-        raise ValueError(f"at most {len(VIEW_SHIFTS)} test views, got {count}")
-    b = len(x)
-    theta = torch.zeros(count, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    theta[:, :, 2] = 2 * torch.tensor(VIEW_SHIFTS[:count])  # grid units span 2 per side
-    theta = theta.repeat_interleave(b, 0).to(x.device)
-    return affine_grids(theta, x.repeat(count, 1, 1, 1))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fewshot.errors import ConfigError
 from fewshot.methods import cfn, maml, mtl, protonet, subspace, trml  # noqa: F401  (registers them)
-from fewshot.methods.base import METHODS, FewShotMethod, Loss, Shape
+from fewshot.methods.base import METHODS, FewShotMethod, Loss, MethodParams, Shape
+from fewshot.models.backbones import build_backbone
 
 
 def method_class(name: str) -> type[FewShotMethod]:
@@ -14,22 +15,27 @@ def method_class(name: str) -> type[FewShotMethod]:
 
 
 def build_method(config, channels: int) -> FewShotMethod:
-    """The method of `config`, with its backbone, for images with `channels` channels."""
-    from fewshot.models.backbones import build_backbone
-
+    """The method of a validated `config` (fewshot.config.validate has checked it), with
+    its backbone, for images with `channels` channels."""
     cls = method_class(config.method.name)
-    cls.check(config)
     backbone = build_backbone(
         config.backbone.name, channels, config.backbone.width, running_stats=cls.running_stats
     )
-    params = cls.Params.model_validate(config.method.params())
     shape = Shape(
         channels=channels,
         image_size=config.data.image_size,
         n_way=config.episode.n_way,
         k_shot=config.episode.k_shot,
     )
-    return cls(backbone, params, shape)
+    return cls(backbone, config.method.settings, shape)
 
 
-__all__ = ["METHODS", "FewShotMethod", "Loss", "Shape", "build_method", "method_class"]
+__all__ = [
+    "METHODS",
+    "FewShotMethod",
+    "Loss",
+    "MethodParams",
+    "Shape",
+    "build_method",
+    "method_class",
+]

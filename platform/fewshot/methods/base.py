@@ -68,7 +68,8 @@ class FewShotMethod(nn.Module):
     # False for methods whose inner loop runs the backbone functionally: batch-norm
     # then uses each batch's statistics at train and test time (as MAML does).
     running_stats: ClassVar[bool] = True
-    # True for methods whose classifier has n_way outputs: they test only at n_way.
+    # True for methods whose classifier has n_way outputs: they answer only n_way-way
+    # tasks (`supports_way`).
     fixed_way: ClassVar[bool] = False
     # True for methods that start from a backbone pre-trained on whole base classes
     # (`pretrain.steps`, train/pretrain.py) and keep it frozen by default.
@@ -125,11 +126,18 @@ class FewShotMethod(nn.Module):
         return h[: len(episode.support_x)], h[len(episode.support_x) :]
 
     @classmethod
-    def check(cls, config) -> None:
-        """Refuse a bad combination of settings before training (raise ConfigError).
-        Subclasses extend it and call super().check(config)."""
+    def supports_way(cls, n_way: int, trained_way: int, params: MethodParams) -> bool:
+        """Whether a model of this method, trained on `trained_way`-way episodes with
+        `params`, can answer `n_way`-way tasks."""
+        return not cls.fixed_way or n_way == trained_way
+
+    @classmethod
+    def check(cls, config, params: MethodParams) -> None:
+        """Refuse a bad combination of settings before training (raise ConfigError);
+        `params` are this method's parsed settings. Subclasses extend it and call
+        super().check(config, params)."""
         eval_way = config.eval_episode().n_way
-        if cls.fixed_way and eval_way != config.episode.n_way:
+        if not cls.supports_way(eval_way, config.episode.n_way, params):
             raise ConfigError(
                 f"evaluate.n_way: {cls.name}'s classifier has episode.n_way = "
                 f"{config.episode.n_way} outputs, got {eval_way}; train a separate "

@@ -120,16 +120,19 @@ class CFN(FewShotMethod):
             self.freeze_backbone()
 
     @classmethod
-    def check(cls, config) -> None:
-        fusion = config.method.params().get("fusion", CFNParams().fusion)
+    def supports_way(cls, n_way: int, trained_way: int, params: CFNParams) -> bool:
+        return params.fusion == "srm" or n_way == trained_way
+
+    @classmethod
+    def check(cls, config, params: CFNParams) -> None:
         eval_way = config.eval_episode().n_way
-        if fusion != "srm" and eval_way != config.episode.n_way:
+        if not cls.supports_way(eval_way, config.episode.n_way, params):
             raise ConfigError(
-                f"evaluate.n_way: cfn's {fusion} fusion has episode.n_way = "
+                f"evaluate.n_way: cfn's {params.fusion} fusion has episode.n_way = "
                 f"{config.episode.n_way} rows, got {eval_way}; use method.fusion=srm or "
                 f"train a separate model for {eval_way}-way"
             )
-        super().check(config)
+        super().check(config, params)
 
     def classifier(self, prototypes: torch.Tensor, fusion: str) -> torch.Tensor:
         """A [N, n] -> class weight vectors W_L = phi(A) Psi [N, n]."""

@@ -16,7 +16,7 @@ it only touches theta). Meta-test: SS fixed, theta adapts on each support set.
 
 Hard tasks (`hard_tasks` > 0): after each meta-batch the loop records every task's
 failure class (lowest query accuracy) and runs an extra meta-batch of tasks built
-from the recorded failure classes, with fresh images (train/loop.py).
+from the recorded failure classes, with fresh images (methods/hard_tasks.py).
 
 Decision: the frozen backbone's batch-norm keeps the pre-training statistics (eval
 mode), so at the start MTL's features are exactly the frozen extractor's.
@@ -76,15 +76,15 @@ class MTL(FewShotMethod):
         self.freeze_backbone()
 
     @classmethod
-    def check(cls, config) -> None:
-        hard = config.method.params().get("hard_tasks", MTLParams().hard_tasks)
+    def check(cls, config, params: MTLParams) -> None:
+        hard = params.hard_tasks
         workers = config.distributed.workers
         if 0 < hard < workers:
             raise ConfigError(
                 f"method.hard_tasks: {hard} hard tasks cannot be shared by "
                 f"distributed.workers = {workers}; raise it to at least the number of workers"
             )
-        super().check(config)
+        super().check(config, params)
 
     def hard_tasks(self) -> int:
         return self.params.hard_tasks

@@ -5,7 +5,7 @@ logits = -||f(q) - c_n||^2 / temperature   (euclidean, the paper's choice)
       or  cos(f(q), c_n) / temperature    (cosine).
 
 At test time f may be averaged over `test_views` fixed shifts of each image
-(augment/images.py): a cheap test-time augmentation that travels with the model.
+(models/views.py): a cheap test-time augmentation that travels with the model.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fewshot.augment.images import VIEW_SHIFTS, fixed_views
 from fewshot.data.episodes import Episode
 from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
+from fewshot.models.views import VIEW_SHIFTS, fixed_views
 
 
 class ProtoNetParams(MethodParams):

@@ -120,11 +120,11 @@ class Subspace(FewShotMethod):
         self.projection = nn.Linear(features, s * d, bias=False)  # the S projections P_s
 
     @classmethod
-    def check(cls, config) -> None:
+    def check(cls, config, params: SubspaceParams) -> None:
         """Refuse d <= K, training or test shots: K support vectors would span the whole
         d-dim subspace, and every distance would be 0."""
-        super().check(config)
-        d = config.method.params()["subspace_dim"]
+        super().check(config, params)
+        d = params.subspace_dim
         for key, shots in [
             ("episode", config.episode.k_shot),
             ("evaluate", config.evaluate.k_shot),

@@ -1,1 +1,1 @@
-"""Backbones (feature extractors)."""
+"""Backbones (feature extractors) and the fixed test-time views of their inputs."""

@@ -34,7 +34,7 @@ from PIL import Image
 import fewshot
 from fewshot import model_file
 from fewshot.config import Config
-from fewshot.errors import ConfigError, FewShotError, RegistryError, RequestError
+from fewshot.errors import FewShotError, RegistryError, RequestError
 from fewshot.methods import FewShotMethod
 from fewshot.registry.preprocess import Preprocessing
 
@@ -83,14 +83,13 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
 
     def check_task(self, n_way: int) -> None:
         """Refuse a task shape the method cannot answer (MAML's head has a fixed width)."""
-        config = self.config.model_copy(deep=True)
-        config.evaluate.n_way = n_way
-        try:
-            type(self.method).check(config)
-        except ConfigError as exc:
+        method, trained_way = self.method, self.method.shape.n_way
+        if not method.supports_way(n_way, trained_way, method.params):
             raise RequestError(
-                f"support_labels: this model cannot answer a {n_way}-way task ({exc})"
-            ) from None
+                f"support_labels: this model cannot answer a {n_way}-way task ({method.name} "
+                f"with these settings answers only the {trained_way}-way tasks it was trained "
+                f"on; train a separate model for {n_way}-way)"
+            )
 
     def classify(
         self,

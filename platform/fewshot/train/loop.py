@@ -31,11 +31,13 @@ from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
 from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
 from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
-from fewshot.methods import FewShotMethod, Loss, build_method
+from fewshot.methods import FewShotMethod, build_method
+from fewshot.methods.hard_tasks import HardTasks, failure_class
 from fewshot.runtime import Execution, Probe, Runtime, module_probe
 from fewshot.streams import Stream
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.pretrain import pretrain
+from fewshot.train.tasks import Episodes, TaskSource
 
 
 def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -153,15 +155,6 @@ def hold_out_groups(
     return images.take_classes(sorted(train)), images.take_classes(sorted(val))
 
 
-def failure_class(logits: torch.Tensor, episode: Episode) -> torch.Tensor:
-    """The dataset label of the episode's class with the lowest query accuracy."""
-    correct = (logits.argmax(1) == episode.query_y).float()
-    per_class = torch.zeros(episode.n_way, device=correct.device).index_add(
-        0, episode.query_y, correct
-    )
-    return episode.classes[per_class.argmin()]
-
-
 def agreed(runtime: Runtime, comm: Comm) -> Runtime:
     """Rank 0's execution on every rank (rank 0 alone probes): ranks that computed a step
     in different precisions or layouts would sum gradients of different roundings."""
@@ -175,7 +168,6 @@ def agreed(runtime: Runtime, comm: Comm) -> Runtime:
     return runtime.with_execution(chosen)
 
 
-TaskLoss = Callable[[int], tuple[Loss, Episode]]
 LogHook = Callable[[int, dict[str, float]], None]
 
 
@@ -209,6 +201,10 @@ class Worker:
         self.mixup = None
         if config.task_mixup.strategy != "none":
             self.mixup = TaskMixup(config.task_mixup, self.sampler, config.seed, self.method)
+        # The meta-batch's tasks, and MTL's extra meta-batch of hard tasks (None: none).
+        self.tasks: TaskSource = self.mixup or Episodes(self.sampler, config.seed)
+        hard = self.method.hard_tasks()
+        self.hard_tasks = HardTasks(self.sampler, config.seed, hard, e.meta_batch) if hard else None
         probe = self.probe() if self.comm.rank == 0 else None
         self.runtime = agreed(Runtime.of(config.train, cpus, probe), self.comm)
         self.device, self.amp = self.runtime.device, self.runtime.amp
@@ -225,8 +221,6 @@ class Worker:
         self.scheduler = build_scheduler(config, self.optimizer)
         self.step = 0
         self.pretrained = False
-        # Recent distinct failure classes, newest first (MTL's hard tasks).
-        self.failures: list[int] = []
 
     def probe(self) -> Probe:
         """The step the runtime's candidates are timed on: the method's loss on this run's
@@ -258,32 +252,6 @@ class Worker:
         pretrain(self, self.config.pretrain, self.train_images, on_log)
         self.pretrained = True
 
-    def task_loss(self, task: int) -> tuple[Loss, Episode]:
-        """The loss of task `task` of this step, and the episode whose labels it uses."""
-        if self.mixup:
-            return self.mixup.loss(self.method, self.step, task, self.to_device)
-        episode = self.to_device(
-            self.sampler.episode(Stream.TRAIN, self.config.seed, self.step, task)
-        )
-        return self.method.loss(episode), episode
-
-    def hard_task_loss(self, task: int) -> tuple[Loss, Episode]:
-        """A task over n_way of the recorded failure classes, with fresh images."""
-        seed, step = self.config.seed, self.step
-        rng = np.random.default_rng([Stream.HARD, seed, step, task])
-        classes = rng.choice(self.failures, self.sampler.n_way, replace=False)
-        episode = self.sampler.episode_of_classes(classes.tolist(), Stream.HARD, seed, step, task)
-        episode = self.to_device(episode)
-        return self.method.loss(episode), episode
-
-    def remember_failures(self, failures: list[int]) -> None:
-        keep = max(self.sampler.n_way, self.config.episode.meta_batch)
-        for label in failures:
-            if label in self.failures:
-                self.failures.remove(label)
-            self.failures.insert(0, label)
-        del self.failures[keep:]
-
     def train_step(self) -> dict[str, float]:
         """One meta-batch (plus MTL's hard-task meta-batch); returns metrics averaged over
         its tasks."""
@@ -294,33 +262,36 @@ class Worker:
         if self.mixup and self.mixup.due(self.step):
             self.recluster()
         self.method.train()
-        metrics, failures = self.optimise(config.episode.meta_batch, self.task_loss)
-        hard = self.method.hard_tasks()
-        if hard:
-            self.remember_failures(failures)
-            if len(self.failures) >= self.sampler.n_way:
-                hard_metrics, _ = self.optimise(hard, self.hard_task_loss)
+        metrics, failures = self.optimise(config.episode.meta_batch, self.tasks)
+        if self.hard_tasks:
+            self.hard_tasks.remember(failures)
+            if self.hard_tasks.ready():
+                hard_metrics, _ = self.optimise(self.hard_tasks.count, self.hard_tasks)
                 metrics.update({f"hard_{name}": value for name, value in hard_metrics.items()})
         self.scheduler.step()
         self.step += 1
         return {**metrics, "lr": self.scheduler.get_last_lr()[0]}
 
-    def optimise(self, count: int, task_loss: TaskLoss) -> tuple[dict[str, float], list[int]]:
-        """One optimiser step on `count` tasks shared by the workers: back-propagate
-        sum(loss_i) / count, then one all-reduce of gradients, metric sums and each
-        task's failure class. Returns (metrics averaged over tasks, failure classes)."""
+    def optimise(self, count: int, tasks: TaskSource) -> tuple[dict[str, float], list[int]]:
+        """One optimiser step on `count` tasks of `tasks` shared by the workers:
+        back-propagate sum(loss_i) / count, then one all-reduce of gradients, metric sums
+        and, in runs with hard tasks, each task's failure class. Returns (metrics averaged
+        over tasks, failure classes: [] without hard tasks)."""
         comm = self.comm
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        failures = torch.zeros(count, device=self.device)
+        # Every meta-batch of a hard-task run carries the slots, the hard one too (its
+        # classes go unused): the all-reduce keeps one layout, and so its roundings.
+        failures = torch.zeros(count if self.hard_tasks else 0, device=self.device)
         for task in tasks_for_rank(count, comm.rank, comm.world_size):
             with self.autocast():
-                loss, episode = task_loss(task)
+                loss, episode = tasks.loss(self.method, self.step, task, self.to_device)
             (loss.total / count).backward()
             values = {"loss": loss.total, "acc": loss.accuracy(episode.query_y), **loss.parts}
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-            failures[task] = failure_class(loss.logits.detach(), episode).float()
+            if self.hard_tasks:
+                failures[task] = failure_class(loss.logits.detach(), episode).float()
         names = sorted(sums)
         extras = torch.cat([torch.stack([sums[n] for n in names]), failures])
         summed = all_reduce_gradients(self.params, extras, comm).tolist()
@@ -375,19 +346,22 @@ class Worker:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "pretrained": self.pretrained,
-            "failures": list(self.failures),
             "mixup": self.mixup.state_dict() if self.mixup else None,
+            "hard_tasks": self.hard_tasks.state_dict() if self.hard_tasks else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "failures" in state:  # written before hard tasks kept their own state
+            state = {**state, "hard_tasks": {"failures": state["failures"]}}
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.pretrained = state["pretrained"]
-        self.failures = list(state["failures"])
         if self.mixup:
             self.mixup.load_state_dict(state["mixup"])
+        if self.hard_tasks:
+            self.hard_tasks.load_state_dict(state["hard_tasks"])
 
 
 RoundHook = Callable[[Worker, dict[str, float]], None]
