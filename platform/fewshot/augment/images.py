@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import AugmentConfig
-from fewshot.data.store import ImageSet
+from fewshot.data.reader import ImageSet
 from fewshot.errors import ConfigError
 
 

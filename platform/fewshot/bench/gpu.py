@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
-from fewshot.data.store import ImageSet
+from fewshot.data.reader import ImageSet
 from fewshot.errors import FewShotError
 from fewshot.runtime import bf16_on_gpu
 from fewshot.streams import Stream

@@ -28,7 +28,7 @@ from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
-from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
+from fewshot.data.reader import ImageSet, choose_decode, decoded_bytes, load_split
 from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, Loss, build_method
@@ -67,7 +67,7 @@ def memory_budget(config: Config, cap: float | None = None) -> float:
 
 def decode_mode(config: Config, cap: float | None = None) -> str:
     """`data.decode` with auto resolved: "memory" when the decoded train and validation
-    images fit in `memory_budget`, else "episode" (store.choose_decode)."""
+    images fit in `memory_budget`, else "episode" (reader.choose_decode)."""
     d = config.data
     if d.decode != "auto":
         return d.decode

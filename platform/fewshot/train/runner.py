@@ -26,7 +26,7 @@ import torch
 
 from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import load_split, require_splits, split_census
+from fewshot.data.reader import load_split, require_splits, split_census
 from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.methods import FewShotMethod, build_method
