@@ -13,7 +13,7 @@ from fewshot.data.reader import EncodedImages, ImageSet, choose_decode, load_spl
 from fewshot.data.sources import synthetic
 from fewshot.errors import ConfigError, DataError
 from fewshot.streams import Stream
-from fewshot.train.loop import Datasets, decode_mode
+from fewshot.train.datasets import Datasets, decode_mode
 
 
 def episodes(images: ImageSet, count: int = 6) -> list:

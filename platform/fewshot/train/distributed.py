@@ -30,7 +30,8 @@ from fewshot.errors import ConfigError, FewShotError
 from fewshot.safety import load_weights, remove_inside
 from fewshot.tracking import Tracker
 from fewshot.train.comm import Comm
-from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker, eval_rounds, fit
 from fewshot.train.runner import RoundLogger, log_runtime, log_train_classes, model_file
 
 STATE = "state.pt"
