@@ -15,7 +15,7 @@ import torch
 
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler
-from fewshot.data.store import load_split, split_census
+from fewshot.data.reader import load_split, split_census
 from fewshot.errors import ConfigError, DataError
 from fewshot.methods.base import FewShotMethod
 from fewshot.runtime import Runtime

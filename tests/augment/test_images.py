@@ -5,7 +5,7 @@ import torch
 from fewshot.augment.images import AffineJitter, rotated_classes
 from fewshot.config import AugmentConfig
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import ImageSet
+from fewshot.data.reader import ImageSet
 from fewshot.models.views import fixed_views
 from fewshot.streams import Stream
 

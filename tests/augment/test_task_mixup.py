@@ -4,7 +4,8 @@ import torch
 
 from fewshot.augment.task_mixup import balance, kmeans, mix, mmd2
 from fewshot.errors import ConfigError
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import yaml
 
 from fewshot.bench import omniglot
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import load_split
+from fewshot.data.reader import load_split
 from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble

@@ -9,7 +9,7 @@ from fewshot.bench.speed import (
 )
 from fewshot.config import load_config
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import load_split
+from fewshot.data.reader import load_split
 from fewshot.methods import build_method
 from fewshot.streams import Stream
 

@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import cifar
 from fewshot.data.sources.common import package_json
-from fewshot.data.store import MANIFEST, load_split
+from fewshot.data.store import MANIFEST
 from fewshot.errors import DataError
 
 # CIFAR-100's meta, as the release lists them (alphabetical).

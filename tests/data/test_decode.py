@@ -7,12 +7,13 @@ import torch
 
 from fewshot.config import load_config
 from fewshot.data import store
+from fewshot.data.decode import decode_image
 from fewshot.data.episodes import EpisodeSampler
+from fewshot.data.reader import EncodedImages, ImageSet, choose_decode, load_split
 from fewshot.data.sources import synthetic
-from fewshot.data.store import EncodedImages, ImageSet, choose_decode, decode_image, load_split
 from fewshot.errors import ConfigError, DataError
 from fewshot.streams import Stream
-from fewshot.train.loop import Datasets, decode_mode
+from fewshot.train.datasets import Datasets, decode_mode
 
 
 def episodes(images: ImageSet, count: int = 6) -> list:

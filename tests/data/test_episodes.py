@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fewshot.data.episodes import EpisodeSampler, tasks_for_rank
-from fewshot.data.store import load_split
+from fewshot.data.reader import load_split
 from fewshot.errors import DataError
 from fewshot.streams import Stream
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import folder
-from fewshot.data.store import load_split
 from fewshot.errors import DataError
 
 

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import mini_imagenet
-from fewshot.data.store import MANIFEST, load_split, read_manifest
+from fewshot.data.store import MANIFEST, read_manifest
 from fewshot.errors import DataError
 
 CLASSES = {"train": 3, "val": 2, "test": 2}

@@ -4,8 +4,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import omniglot
-from fewshot.data.store import MANIFEST, load_split, read_manifest
+from fewshot.data.store import MANIFEST, read_manifest
 from fewshot.errors import DataError
 
 

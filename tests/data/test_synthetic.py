@@ -1,7 +1,8 @@
 import numpy as np
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import synthetic
-from fewshot.data.store import load_split, read_manifest
+from fewshot.data.store import read_manifest
 
 
 def test_same_seed_same_bytes_and_disjoint_scripts(tmp_path):

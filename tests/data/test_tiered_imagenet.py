@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fewshot.data.reader import load_split
 from fewshot.data.sources import tiered_imagenet
-from fewshot.data.store import MANIFEST, load_split
+from fewshot.data.store import MANIFEST
 from fewshot.errors import DataError
 
 # split -> super-category -> its classes (wnids)

@@ -15,7 +15,8 @@ import torch
 
 from fewshot.config import load_config
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import load_split, read_manifest
+from fewshot.data.reader import load_split
+from fewshot.data.store import read_manifest
 from fewshot.errors import RequestError
 from fewshot.methods import build_method
 from fewshot.model_file import from_run
@@ -57,7 +58,7 @@ def test_champion_through_models_uri_answers_like_the_in_memory_model(omniglot_r
     names = [split.class_names[c] for c in classes]
 
     # Loading and predicting never read the dataset: the preprocessing travels with the model.
-    for module in ("fewshot.data.store", "fewshot.registry.preprocess"):
+    for module in ("fewshot.data.store", "fewshot.data.reader", "fewshot.registry.preprocess"):
         monkeypatch.setattr(f"{module}.read_manifest", lambda *a: pytest.fail("read the dataset"))
     with current(runs.uri):
         pyfunc = mlflow.pyfunc.load_model("models:/roundtrip@champion")

@@ -19,8 +19,9 @@ from fewshot.config import load_config
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.errors import ConfigError
 from fewshot.streams import Stream
+from fewshot.train.datasets import Datasets
 from fewshot.train.distributed import check_resources, fit_on_ray
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.loop import Worker
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]

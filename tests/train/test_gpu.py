@@ -14,7 +14,8 @@ import torch
 
 from fewshot.runtime import bf16_on_gpu
 from fewshot.streams import Stream
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fewshot.errors import DataError
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker
 
 LOOP = [
     "train.steps=6",

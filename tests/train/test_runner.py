@@ -6,8 +6,7 @@ import pytest
 
 from fewshot.config import load_config, resolved_yaml
 from fewshot.errors import CheckpointError, ConfigError, DataError
-from fewshot.evaluate import mean_ci
-from fewshot.evaluate import evaluate_method
+from fewshot.evaluate import evaluate_method, mean_ci
 from fewshot.model_file import from_run
 from fewshot.train.runner import train
 

@@ -7,7 +7,7 @@ import pytest
 from fewshot.config import load_config
 from fewshot.errors import ConfigError, DataError
 from fewshot.tracking import download_artifact
-from fewshot.train.loop import Datasets
+from fewshot.train.datasets import Datasets
 from fewshot.train.runner import train
 
 

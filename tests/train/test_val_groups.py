@@ -4,7 +4,8 @@ import pytest
 
 from fewshot.config import load_config
 from fewshot.errors import ConfigError, DataError
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker
 
 
 def small_config(store, *overrides):

@@ -16,7 +16,7 @@ import math
 import torch
 
 from fewshot.config import AugmentConfig
-from fewshot.data.store import ImageSet
+from fewshot.data.reader import ImageSet
 from fewshot.errors import ConfigError
 from fewshot.models.views import affine_grids
 

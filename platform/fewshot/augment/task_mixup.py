@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from fewshot.config import TaskMixupConfig
+from fewshot.data.decode import normalise
 from fewshot.data.episodes import Episode, EpisodeSampler
-from fewshot.data.store import normalise
 from fewshot.errors import ConfigError
 from fewshot.methods.base import FewShotMethod, Loss
 from fewshot.streams import Stream

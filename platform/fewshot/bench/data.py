@@ -102,7 +102,7 @@ def holder_class():
             self.touch()
 
         def load_own(self, config: Config) -> None:
-            from fewshot.train.loop import Datasets
+            from fewshot.train.datasets import Datasets
 
             self.data = Datasets.load(config)
             self.touch()

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
-from fewshot.data.store import ImageSet
+from fewshot.data.reader import ImageSet
 from fewshot.errors import FewShotError
 from fewshot.runtime import bf16_on_gpu
 from fewshot.streams import Stream
-from fewshot.train.loop import Datasets, Worker
+from fewshot.train.datasets import Datasets
+from fewshot.train.loop import Worker
 
 SHAPE = ["episode.n_way=5", "episode.k_shot=1", "episode.q_query=15", "episode.meta_batch=1"]
 

@@ -29,7 +29,7 @@ from fewshot.bench import machine, write_table
 from fewshot.bench.methods import read_results, write_results
 from fewshot.config import Config, as_dict, set_value, validate
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import load_split
+from fewshot.data.reader import load_split
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble

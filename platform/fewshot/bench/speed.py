@@ -36,9 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
+from fewshot.data.decode import normalise
 from fewshot.data.episodes import EpisodeSampler
+from fewshot.data.reader import ImageSet, load_split
 from fewshot.data.sources import omniglot
-from fewshot.data.store import ImageSet, load_split, normalise
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import build_method
 from fewshot.runtime import Runtime

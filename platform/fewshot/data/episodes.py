@@ -8,7 +8,7 @@ Episodes are a pure function of their key, so
 - test episodes use their own stream and seed, so every method and every run
   is evaluated on the same episodes and comparisons are paired.
 
-Images are decoded once (`store.load_split`) and an episode only indexes the uint8
+Images are decoded once (`reader.load_split`) and an episode only indexes the uint8
 tensor and normalises the few images it uses; or, for a set too large to hold
 decoded (`data.decode`), an episode decodes just its own images. Both give the same
 episode for the same key.
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fewshot.data.store import ImageSet, normalise
+from fewshot.data.decode import normalise
+from fewshot.data.reader import ImageSet
 from fewshot.errors import DataError
 from fewshot.streams import Stream
 

@@ -31,7 +31,7 @@ from scipy import stats
 
 from fewshot.config import Config
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.store import ImageSet, load_split
+from fewshot.data.reader import ImageSet, load_split
 from fewshot.errors import RegistryError, RequestError
 from fewshot.evaluate import Accuracy, episode_accuracies, episode_count, mean_ci
 from fewshot.registry.preprocess import Preprocessing

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewshot.data.store import IMAGE_ERRORS, decode_image, normalise, read_manifest
+from fewshot.data.decode import IMAGE_ERRORS, decode_image, normalise
+from fewshot.data.store import read_manifest
 from fewshot.errors import DataError, RegistryError, RequestError
 
 

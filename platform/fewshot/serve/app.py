@@ -11,7 +11,7 @@ from PIL import Image
 from fewshot.serve.limits import Guard, Limits
 
 limits = Limits.from_env()
-# Decoding refuses an image whose header declares more pixels (data/store.py).
+# Decoding refuses an image whose header declares more pixels (data/decode.py).
 Image.MAX_IMAGE_PIXELS = limits.max_pixels
 model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])
 app = Guard(scoring_server.init(model), limits)

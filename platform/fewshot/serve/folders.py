@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewshot.data.store import check_image
+from fewshot.data.decode import check_image
 from fewshot.errors import RequestError
 
 

@@ -31,8 +31,9 @@ from fewshot.errors import ConfigError, FewShotError
 from fewshot.safety import remove_inside
 from fewshot.tracking import Tracker, tracking_uri
 from fewshot.train.comm import Comm
+from fewshot.train.datasets import Datasets
 from fewshot.train.hooks import RoundLogger, log_runtime, log_train_classes
-from fewshot.train.loop import Datasets, Worker, eval_rounds, fit
+from fewshot.train.loop import Worker, eval_rounds, fit
 
 
 class TorchDistributedComm(Comm):

@@ -16,26 +16,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
-from fewshot.augment.images import AffineJitter, rotated_classes
+from fewshot.augment.images import AffineJitter
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
-from fewshot.data.store import ImageSet, choose_decode, decoded_bytes, load_split
-from fewshot.errors import DataError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.methods.hard_tasks import HardTasks, failure_class
 from fewshot.runtime import Execution, Probe, Runtime, module_probe
 from fewshot.streams import Stream
 from fewshot.train.comm import Comm, all_reduce_gradients
+from fewshot.train.datasets import Datasets
 from fewshot.train.pretrain import pretrain
 from fewshot.train.tasks import Episodes, TaskSource
 
@@ -56,103 +53,6 @@ def build_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.LRSch
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def memory_budget(config: Config, cap: float | None = None) -> float:
-    """Bytes that decoded images may take: `data.memory_budget_gb`, else half the memory
-    available now, at most `cap` (the caller's limit, e.g. Ray's object store)."""
-    if config.data.memory_budget_gb is not None:
-        return config.data.memory_budget_gb * 1e9
-    budget = 0.5 * psutil.virtual_memory().available
-    return budget if cap is None else min(budget, cap)
-
-
-def decode_mode(config: Config, cap: float | None = None) -> str:
-    """`data.decode` with auto resolved: "memory" when the decoded train and validation
-    images fit in `memory_budget`, else "episode" (store.choose_decode)."""
-    d = config.data
-    if d.decode != "auto":
-        return d.decode
-    splits = d.train_split + ([d.val_split] if d.val_split else [])
-    needed = decoded_bytes(d.path, splits, d.image_size)
-    return choose_decode("auto", needed, memory_budget(config, cap))
-
-
-@dataclass
-class Datasets:
-    train: ImageSet
-    val: ImageSet | None
-
-    @classmethod
-    def load(cls, config: Config, cap: float | None = None) -> Datasets:
-        """Read the splits of `config`, decoded or encoded as `decode_mode` says."""
-        d = config.data
-        mode = decode_mode(config, cap)
-        train = load_split(d.path, d.train_split, d.image_size, mode)
-        val = load_split(d.path, d.val_split, d.image_size, mode) if d.val_split else None
-        if d.val_groups:
-            train, val = hold_out_groups(train, d.val_groups, config.seed, d.train_split)
-        if d.train_classes:
-            train = train.take_classes(
-                choose_train_classes(train, d.train_classes, config.seed, d.train_split)
-            )
-        if config.augment.rotations:
-            train = rotated_classes(train)
-        return cls(train, val)
-
-    def shared(self) -> dict:
-        """Numpy arrays and plain values for `ray.put` (see `ImageSet.shared`)."""
-        return {"train": self.train.shared(), "val": self.val and self.val.shared()}
-
-    @classmethod
-    def from_shared(cls, tree: dict) -> Datasets:
-        """The inverse of `shared`, over the same (object store) memory."""
-        val = tree["val"] and ImageSet.from_shared(tree["val"])
-        return cls(ImageSet.from_shared(tree["train"]), val)
-
-
-def choose_train_classes(
-    images: ImageSet, wanted: int | list[str], seed: int, split: list[str]
-) -> list[int]:
-    """The labels of the base classes to train on: `wanted` of them drawn with `seed`, or
-    the classes named in `wanted` (data.train_classes)."""
-    if isinstance(wanted, list):
-        index = {name: label for label, name in enumerate(images.class_names)}
-        unknown = [name for name in wanted if name not in index]
-        if unknown:
-            raise DataError(
-                f"data.train_classes: {unknown[0]!r} is not a training class of {split} (it has "
-                f"{images.n_classes}, e.g. {images.class_names[:3]}); check the name with "
-                "`fewshot data info` or the run's train_classes.json"
-            )
-        return sorted(index[name] for name in wanted)
-    if wanted > images.n_classes:
-        raise DataError(
-            f"data.train_classes: {wanted} but {split} has {images.n_classes} classes; lower it "
-            "or unset it"
-        )
-    chosen = np.random.default_rng(seed).choice(images.n_classes, wanted, replace=False)
-    return sorted(chosen.tolist())
-
-
-def hold_out_groups(
-    images: ImageSet, count: int, seed: int, split: list[str]
-) -> tuple[ImageSet, ImageSet]:
-    """(the classes of all but `count` groups, the classes of those `count` groups), the
-    held-out groups drawn with `seed`: validation classes disjoint from the training
-    classes, whole groups apart, as a store's own validation split would be."""
-    groups = images.groups()
-    if count >= len(groups):
-        raise DataError(
-            f"data.val_groups: {count} but {split} has {len(groups)} groups; hold out fewer "
-            "so that some remain for training"
-        )
-    names = sorted(groups)
-    rng = np.random.default_rng([Stream.HOLD_OUT, seed])
-    held = {names[i] for i in rng.choice(len(names), count, replace=False).tolist()}
-    val = [c for name in names if name in held for c in groups[name]]
-    train = [c for name in names if name not in held for c in groups[name]]
-    return images.take_classes(sorted(train)), images.take_classes(sorted(val))
 
 
 def agreed(runtime: Runtime, comm: Comm) -> Runtime:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.config import PretrainConfig
+from fewshot.data.decode import normalise
 from fewshot.data.episodes import to_device
-from fewshot.data.store import ImageSet, normalise
+from fewshot.data.reader import ImageSet
 from fewshot.streams import Stream
 from fewshot.train.comm import all_reduce_gradients
 

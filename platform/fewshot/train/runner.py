@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fewshot import model_file
 from fewshot.config import Config
-from fewshot.data.store import require_splits
+from fewshot.data.reader import require_splits
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
 from fewshot.run_dir import RunDir
 from fewshot.safety import remove_inside

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fewshot.data.decode import check_image
 from fewshot.data.store import (
     Example,
     SourceInfo,
-    check_image,
     existing_store,
     read_manifest,
     sha256_files,

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from fewshot.data.decode import check_image
 from fewshot.data.sources.common import Release, check_release, checksum, convert, require_file
-from fewshot.data.store import Example, SourceInfo, check_image
+from fewshot.data.store import Example, SourceInfo
 from fewshot.errors import DataError
 
 KNOWN = {

@@ -11,7 +11,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from fewshot.data.store import Example, SourceInfo, check_image, sha256_files, write_store
+from fewshot.data.decode import check_image
+from fewshot.data.store import Example, SourceInfo, sha256_files, write_store
 from fewshot.errors import DataError
 
 # (classes, alphabets) of each official release, to refuse a partial copy.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fewshot.data.decode import check_image
 from fewshot.data.sources.common import (
     SPLIT_NAMES,
     Release,
@@ -33,7 +34,7 @@ from fewshot.data.sources.common import (
     require_file,
     require_keys,
 )
-from fewshot.data.store import Example, SourceInfo, check_image
+from fewshot.data.store import Example, SourceInfo
 from fewshot.errors import DataError
 
 KNOWN = {

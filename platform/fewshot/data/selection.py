@@ -1,0 +1,62 @@
+"""Which classes of the train split a run trains on and validates on.
+
+Pure functions of (ImageSet, setting, seed): the same seed always picks the same classes,
+on every worker, so workers that each load the data agree without talking.
+
+- `choose_train_classes`: the base classes to train on (data.train_classes), a number
+  drawn with the seed or a list of names;
+- `hold_out_groups`: validation classes held out of the train split, whole groups
+  apart (data.val_groups), drawn from their own stream `Stream.HOLD_OUT`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fewshot.data.reader import ImageSet
+from fewshot.errors import DataError
+from fewshot.streams import Stream
+
+
+def choose_train_classes(
+    images: ImageSet, wanted: int | list[str], seed: int, split: list[str]
+) -> list[int]:
+    """The labels of the base classes to train on: `wanted` of them drawn with `seed`, or
+    the classes named in `wanted` (data.train_classes)."""
+    if isinstance(wanted, list):
+        index = {name: label for label, name in enumerate(images.class_names)}
+        unknown = [name for name in wanted if name not in index]
+        if unknown:
+            raise DataError(
+                f"data.train_classes: {unknown[0]!r} is not a training class of {split} (it has "
+                f"{images.n_classes}, e.g. {images.class_names[:3]}); check the name with "
+                "`fewshot data info` or the run's train_classes.json"
+            )
+        return sorted(index[name] for name in wanted)
+    if wanted > images.n_classes:
+        raise DataError(
+            f"data.train_classes: {wanted} but {split} has {images.n_classes} classes; lower it "
+            "or unset it"
+        )
+    chosen = np.random.default_rng(seed).choice(images.n_classes, wanted, replace=False)
+    return sorted(chosen.tolist())
+
+
+def hold_out_groups(
+    images: ImageSet, count: int, seed: int, split: list[str]
+) -> tuple[ImageSet, ImageSet]:
+    """(the classes of all but `count` groups, the classes of those `count` groups), the
+    held-out groups drawn with `seed`: validation classes disjoint from the training
+    classes, whole groups apart, as a store's own validation split would be."""
+    groups = images.groups()
+    if count >= len(groups):
+        raise DataError(
+            f"data.val_groups: {count} but {split} has {len(groups)} groups; hold out fewer "
+            "so that some remain for training"
+        )
+    names = sorted(groups)
+    rng = np.random.default_rng([Stream.HOLD_OUT, seed])
+    held = {names[i] for i in rng.choice(len(names), count, replace=False).tolist()}
+    val = [c for name in names if name in held for c in groups[name]]
+    train = [c for name in names if name not in held for c in groups[name]]
+    return images.take_classes(sorted(train)), images.take_classes(sorted(val))
