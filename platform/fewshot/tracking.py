@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import fewshot
 from fewshot.config import Config, as_dict, config_hash, flatten, resolved_yaml
 from fewshot.errors import Interrupted
 from fewshot.run_dir import RunDir
@@ -57,8 +58,6 @@ def versions() -> dict[str, str]:
     import numpy
     import ray
     import torch
-
-    import fewshot
 
     return {
         "fewshot": fewshot.__version__,

@@ -14,6 +14,7 @@ from pathlib import Path
 from fewshot.bench import machine, write_table
 from fewshot.config import Config, load_config
 from fewshot.data.sources import synthetic
+from fewshot.train.distributed import fit_on_ray
 from fewshot.train.loop import Worker, fit
 
 
@@ -51,8 +52,6 @@ def bare(config: Config) -> float:
 
 def on_ray(config: Config) -> tuple[float, float]:
     """(training episodes/s of the last round, wall seconds including start-up)."""
-    from fewshot.train.distributed import fit_on_ray
-
     started = time.perf_counter()
     _, metrics = fit_on_ray(config, None, restart=True)
     return metrics["train_episodes_per_s"], time.perf_counter() - started

@@ -42,6 +42,7 @@ from fewshot.data.reader import ImageSet, load_split
 from fewshot.data.sources import omniglot
 from fewshot.evaluate import Accuracy, episode_accuracies, mean_ci
 from fewshot.methods import build_method
+from fewshot.models.backbones import build_backbone
 from fewshot.runtime import Runtime
 from fewshot.streams import Stream
 from fewshot.train.loop import Worker
@@ -164,7 +165,6 @@ def easyfsl(config: Config, episodes: int) -> tuple[float, nn.Module] | None:
     except ImportError:
         return None
     easyfsl_sampler_shim()
-    from fewshot.models.backbones import build_backbone
 
     torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
