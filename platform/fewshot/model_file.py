@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -120,7 +121,13 @@ def save_ray_checkpoint(directory: str | Path, worker_state: dict, model: dict) 
     torch.save({"worker": worker_state, "model": model}, Path(directory) / RAY_STATE)
 
 
-def load_ray_checkpoint(directory: str | Path) -> dict:
-    """A Ray Train checkpoint ({"worker", "model"}): on shared storage anyone with write
-    access could have put it there, so it is read as weights only."""
-    return load_weights(Path(directory) / RAY_STATE, "a Ray Train checkpoint of this run")
+class RayCheckpoint(NamedTuple):
+    worker: dict  # the worker's state
+    model: dict  # the model file at that step
+
+
+def load_ray_checkpoint(directory: str | Path) -> RayCheckpoint:
+    """A Ray Train checkpoint: on shared storage anyone with write access could have put it
+    there, so it is read as weights only."""
+    state = load_weights(Path(directory) / RAY_STATE, "a Ray Train checkpoint of this run")
+    return RayCheckpoint(state["worker"], state["model"])

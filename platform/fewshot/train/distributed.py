@@ -60,7 +60,7 @@ def worker_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = model_file.load_ray_checkpoint(directory)
-        worker.load_state_dict(state["worker"])
+        worker.load_state_dict(state.worker)
     tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
     if checkpoint:
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
@@ -226,4 +226,4 @@ def fit_on_ray(
         raise FewShotError(f"training on Ray failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:
         state = model_file.load_ray_checkpoint(directory)
-    return state["model"], dict(result.metrics)
+    return state.model, dict(result.metrics)

@@ -368,7 +368,7 @@ def collect(spec: TuneSpec, grid, parent_id: str | None) -> list[dict[str, Any]]
 
 def checkpoint_model(path: str) -> dict:
     """The model file inside a Train checkpoint of `worker_loop`."""
-    return model_file.load_ray_checkpoint(path)["model"]
+    return model_file.load_ray_checkpoint(path).model
 
 
 def best_model(row: dict[str, Any], search_dir: Path) -> dict:
