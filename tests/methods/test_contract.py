@@ -89,3 +89,19 @@ def test_supports_way_is_honoured(make, n_way):
         except (RuntimeError, IndexError):
             return
         assert shape != (4, n_way)
+
+
+def test_a_prepared_support_set_answers_queries_as_predict_does(make):
+    """What the server's support cache relies on: supports prepared alone, queries embedded
+    alone, in any batch, score as the whole episode does (eval mode)."""
+    method = make().eval()
+    support_x, support_y, query_x = task(N_WAY, [1, 3, 2], queries=5)
+    if not method.splits_prediction:
+        with pytest.raises(NotImplementedError, match="does not split"):
+            method.prepare(method.features(support_x), support_y)
+        return
+    with torch.no_grad():
+        expected = method.predict(support_x, support_y, query_x)
+        prepared = method.prepare(method.features(support_x), support_y)
+        one_by_one = torch.cat([method.score(prepared, method.features(q[None])) for q in query_x])
+    torch.testing.assert_close(one_by_one, expected, rtol=1e-5, atol=1e-5)

@@ -53,13 +53,13 @@ def test_test_views_average_embeddings_at_test_time_only(make):
         z = method.embed(fixed_views(x, 3)).view(3, 7, -1).mean(0)
         assert torch.allclose(
             method.predict(support_x, support_y, query_x),
-            method.scores(z[:3], support_y, z[3:]),
+            method.score(method.prepare(z[:3], support_y), z[3:]),
             atol=1e-5,
         )
         method.train()  # training sees each image once
         z = method.embed(x)
         assert torch.allclose(
             method.predict(support_x, support_y, query_x),
-            method.scores(z[:3], support_y, z[3:]),
+            method.score(method.prepare(z[:3], support_y), z[3:]),
             atol=1e-5,
         )

@@ -187,7 +187,7 @@ def test_a_bad_space_is_refused_before_ray_starts(tmp_path, monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a bad space")
 
-    monkeypatch.setattr("fewshot.train.distributed.connect", no_ray)
+    monkeypatch.setattr("fewshot.tune.search.connect", no_ray)
     path = write(tmp_path, **space(**{"train.lr": {"choice": ["fast"]}}))
     with pytest.raises(ConfigError, match=r"^space\.train\.lr: "):
         search.run_search(path)
@@ -264,7 +264,7 @@ def test_a_missing_test_split_is_refused_before_ray_starts(tmp_path, monkeypatch
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a search whose best model cannot be tested")
 
-    monkeypatch.setattr("fewshot.train.distributed.connect", no_ray)
+    monkeypatch.setattr("fewshot.tune.search.connect", no_ray)
     monkeypatch.chdir(tmp_path)
     path = write(tmp_path, set={"data.path": str(synthetic_store), "data.test_split": "nope"})
     with pytest.raises(DataError, match=r"has no split 'nope'"):

@@ -67,12 +67,13 @@ def bench_methods(
     console.print(out.read_text())
 
 
+OmniglotOpt = Annotated[Path, typer.Option(help="Folder with the Omniglot small background zips.")]
+
+
 @bench_app.command("speed")
 def bench_speed(
     out: TableOutOpt = Path("benchmarks/results/speed.md"),
-    data: Annotated[
-        Path, typer.Option(help="Folder with the Omniglot small background zips.")
-    ] = Path("../shared/datasets/omniglot"),
+    data: OmniglotOpt = Path("../shared/datasets/omniglot"),
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the store.")] = Path(
         "runs/bench-speed"
     ),
@@ -114,4 +115,22 @@ def bench_gpu(
     from fewshot.bench import gpu
 
     gpu.run(out, steps)
+    console.print(out.read_text())
+
+
+@bench_app.command("serve")
+def bench_serve(
+    out: TableOutOpt = Path("benchmarks/results/serve.md"),
+    data: OmniglotOpt = Path("../shared/datasets/omniglot"),
+    workdir: Annotated[Path, typer.Option(help="Scratch folder: store, runs, registry.")] = Path(
+        "runs/bench-serve"
+    ),
+    requests: Annotated[int, typer.Option(min=10, help="Timed requests per cell.")] = 100,
+) -> None:
+    """p50/p99 latency and requests/s of 20-way 1-shot requests: MLflow's scoring server,
+    Ray Serve with 1 and 2 replicas, full requests and cached support sets."""
+    from fewshot.bench import serve
+
+    zips = [data / f"images_background_small{i}.zip" for i in (1, 2)]
+    serve.run(workdir, out, zips, requests)
     console.print(out.read_text())

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from fewshot.cli.common import console
+from fewshot.errors import ServeError
 
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 
@@ -119,14 +120,55 @@ def serve(
         str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
     ] = "127.0.0.1",
     workers: Annotated[int, typer.Option(help="Server processes, each with the model.")] = 1,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve on Ray Serve (replicas, cached supports).")
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="--ray: replicas of the model.")] = 1,
+    autoscale: Annotated[
+        str | None, typer.Option(help="--ray: MIN,MAX replicas, scaled by load.")
+    ] = None,
+    follow_alias: Annotated[
+        bool, typer.Option(help="--ray: move to the version the alias moves to, live.")
+    ] = False,
+    cache_mb: Annotated[float, typer.Option(help="--ray: cached support sets, MB.")] = 256,
+    cache_ttl: Annotated[
+        float, typer.Option(help="--ray: seconds an unused support set stays cached.")
+    ] = 3600,
 ) -> None:
-    """Serve models:/NAME@ALIAS with MLflow's scoring server.
+    """Serve models:/NAME@ALIAS with MLflow's scoring server, or with --ray on Ray Serve.
 
     POST /invocations (application/json) a body {"inputs": {"support_images": ...,
     "support_labels": ..., "query_images": ...}}, the images as lists of base64 PNG or JPEG
     and the labels as a list of strings; the answer is {"predictions": ...}, one
-    {"label", "probabilities"} per query. A newly promoted champion is served after a restart.
+    {"label", "probabilities"} per query. A newly promoted champion is served after a restart,
+    or at once with --ray --follow-alias. With --ray, POST /supports caches a support set and
+    POST /classify answers queries against its id (README: Registry and serving).
     """
-    from fewshot.serve.server import serve as run_server
+    if not ray:
+        from fewshot.serve.server import serve as run_server
 
-    run_server(name, alias, host=host, port=port, workers=workers)
+        run_server(name, alias, host=host, port=port, workers=workers)
+    from fewshot.serve.ray_app import Scale, run
+
+    run(
+        name,
+        alias,
+        host=host,
+        port=port,
+        scale=Scale(replicas, parse_range(autoscale)),
+        follow_alias=follow_alias,
+        cache_mb=cache_mb,
+        cache_ttl_s=cache_ttl,
+    )
+
+
+def parse_range(text: str | None) -> tuple[int, int] | None:
+    """--autoscale MIN,MAX -> (MIN, MAX)."""
+    if text is None:
+        return None
+    low, _, high = text.partition(",")
+    if not (low.strip().isdigit() and high.strip().isdigit()) or not 1 <= int(low) <= int(high):
+        raise ServeError(
+            f"--autoscale {text!r}: give MIN,MAX replicas with 1 <= MIN <= MAX, e.g. 1,4"
+        )
+    return int(low), int(high)

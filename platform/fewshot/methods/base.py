@@ -74,6 +74,11 @@ class FewShotMethod(nn.Module):
     # True for methods that start from a backbone pre-trained on whole base classes
     # (`pretrain.steps`, train/pretrain.py) and keep it frozen by default.
     pretrains: ClassVar[bool] = False
+    # True for methods whose prediction splits in two (`features`, `prepare`, `score`):
+    # a support set prepared once then answers any number of queries (serve/). False
+    # where prediction adapts to the whole episode: MAML's inner loop on the supports
+    # with batch statistics, MTL's classifier fine-tuned on them.
+    splits_prediction: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, params: MethodParams, shape: Shape) -> None:
         super().__init__()
@@ -104,6 +109,29 @@ class FewShotMethod(nn.Module):
         """support_x [N*K, C, H, W], support_y [N*K] in 0..N-1, query_x [M, C, H, W]
         -> logits [M, N]."""
         raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> what `prepare` and `score` take of each image, [B, ...]:
+        a function of the image alone (in eval mode), so any batch gives the same."""
+        raise NotImplementedError(f"{self.name} does not split its prediction")
+
+    def prepare(self, support_z: torch.Tensor, support_y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Support features [N*K, ...], labels [N*K] -> the support set as `score` needs it
+        (ProtoNet: the prototypes)."""
+        raise NotImplementedError(f"{self.name} does not split its prediction")
+
+    def score(self, prepared: dict[str, torch.Tensor], query_z: torch.Tensor) -> torch.Tensor:
+        """A prepared support set of N classes, query features [M, ...] -> logits [M, N]."""
+        raise NotImplementedError(f"{self.name} does not split its prediction")
+
+    def split_predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """`predict` in one forward pass, through the split: what predict is, for the
+        methods that split."""
+        z = self.features(torch.cat([support_x, query_x]))
+        n = len(support_x)
+        return self.score(self.prepare(z[:n], support_y), z[n:])
 
     def loss(self, episode: Episode, start: int = 0) -> Loss:
         """The episode's loss; `start` > 0 only for methods with `mixup_layers`."""

@@ -105,6 +105,7 @@ MODULES = {"cim": CIM, "srm": SRM, "frm": FRM}
 @register
 class CFN(FewShotMethod):
     name = "cfn"
+    splits_prediction = True
     Params = CFNParams
     pretrains = True
 
@@ -138,10 +139,19 @@ class CFN(FewShotMethod):
         """A [N, n] -> class weight vectors W_L = phi(A) Psi [N, n]."""
         return self.predictor(self.fusions[fusion](prototypes))
 
+    def features(self, x):
+        """Images -> unit-length embeddings [B, n]."""
+        return F.normalize(self.embed(x), dim=1)
+
+    def prepare(self, support_z, support_y):
+        return {"prototypes": prototypes(support_z, support_y, int(support_y.max()) + 1)}
+
     def predict(self, support_x, support_y, query_x):
-        z = F.normalize(self.embed(torch.cat([support_x, query_x])), dim=1)
-        support_z, query_z = z[: len(support_x)], z[len(support_x) :]
-        centres = prototypes(support_z, support_y, int(support_y.max()) + 1)
+        return self.split_predict(support_x, support_y, query_x)
+
+    def score(self, prepared, query_z):
+        """[M, n] against the class weight vectors of each fusion -> logits [M, N]."""
+        centres = prepared["prototypes"]
         scale = self.log_scale.exp()
         logits = [scale * query_z @ self.classifier(centres, n).T for n in self.fusions]
         if len(logits) == 1:

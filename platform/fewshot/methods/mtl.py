@@ -62,6 +62,7 @@ class ScaleShift(nn.Module):
 @register
 class MTL(FewShotMethod):
     name = "mtl"
+    splits_prediction = True
     Params = MTLParams
     fixed_way = True
     pretrains = True
@@ -101,13 +102,23 @@ class MTL(FewShotMethod):
             bias = bias - self.params.inner_lr * grad_b
         return weight, bias
 
-    def features(self, support_x, query_x) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N*K, D] and [M, D] features of the frozen backbone with scaling and shifting."""
-        z = self.embed(torch.cat([support_x, query_x]))
-        return z[: len(support_x)], z[len(support_x) :]
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> [B, D] features of the frozen backbone with scaling and shifting."""
+        return self.embed(x)
+
+    def prepare(self, support_z, support_y):
+        """The base learner fine-tuned on the support features: theta' (weight, bias)."""
+        steps = self.params.eval_inner_steps or self.params.inner_steps
+        with torch.enable_grad():  # the base learner needs gradients even under no_grad
+            weight, bias = self.adapt(support_z.detach(), support_y, steps, create_graph=False)
+        return {"weight": weight.detach(), "bias": bias.detach()}
+
+    def score(self, prepared, query_z):
+        return F.linear(query_z, prepared["weight"], prepared["bias"])
 
     def loss(self, episode: Episode, start: int = 0) -> Loss:
-        support_z, query_z = self.features(episode.support_x, episode.query_x)
+        z = self.features(torch.cat([episode.support_x, episode.query_x]))
+        support_z, query_z = z[: len(episode.support_x)], z[len(episode.support_x) :]
         weight, bias = self.adapt(
             support_z, episode.support_y, self.params.inner_steps, create_graph=True
         )
@@ -116,8 +127,4 @@ class MTL(FewShotMethod):
         return Loss(total=ce, logits=logits, parts={"ce": ce})
 
     def predict(self, support_x, support_y, query_x):
-        support_z, query_z = self.features(support_x, query_x)
-        steps = self.params.eval_inner_steps or self.params.inner_steps
-        with torch.enable_grad():  # the base learner needs gradients even under no_grad
-            weight, bias = self.adapt(support_z.detach(), support_y, steps, create_graph=False)
-        return F.linear(query_z, weight.detach(), bias.detach())
+        return self.split_predict(support_x, support_y, query_x)

@@ -46,12 +46,20 @@ def squared_distances(query_z: torch.Tensor, centres: torch.Tensor) -> torch.Ten
 class ProtoNet(FewShotMethod):
     name = "protonet"
     Params = ProtoNetParams
+    splits_prediction = True
 
-    def scores(
-        self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor
-    ) -> torch.Tensor:
-        """Embeddings [N*K, D], labels [N*K], [M, D] -> logits [M, N]."""
-        centres = prototypes(support_z, support_y, int(support_y.max()) + 1)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> embeddings [B, D], averaged over the test views."""
+        views = 1 if self.training else self.params.test_views
+        z = self.embed(fixed_views(x, views) if views > 1 else x)
+        return z.view(views, len(x), -1).mean(0)
+
+    def prepare(self, support_z, support_y):
+        return {"prototypes": prototypes(support_z, support_y, int(support_y.max()) + 1)}
+
+    def score(self, prepared, query_z):
+        """[M, D] against the prototypes [N, D] -> logits [M, N]."""
+        centres = prepared["prototypes"]
         if self.params.distance == "cosine":
             scores = F.normalize(query_z, dim=1) @ F.normalize(centres, dim=1).T
         else:
@@ -60,11 +68,7 @@ class ProtoNet(FewShotMethod):
 
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
-        x = torch.cat([support_x, query_x])
-        views = 1 if self.training else self.params.test_views
-        z = self.embed(fixed_views(x, views) if views > 1 else x)
-        z = z.view(views, len(x), -1).mean(0)
-        return self.scores(z[: len(support_x)], support_y, z[len(support_x) :])
+        return self.split_predict(support_x, support_y, query_x)
 
     def mixup_layers(self) -> int:
         return self.backbone.n_layers  # any layer, up to the last feature map
@@ -72,6 +76,6 @@ class ProtoNet(FewShotMethod):
     def loss(self, episode: Episode, start: int = 0) -> Loss:
         z = self.embed(torch.cat([episode.support_x, episode.query_x]), start)
         n_support = len(episode.support_x)
-        logits = self.scores(z[:n_support], episode.support_y, z[n_support:])
+        logits = self.score(self.prepare(z[:n_support], episode.support_y), z[n_support:])
         ce = F.cross_entropy(logits, episode.query_y)
         return Loss(total=ce, logits=logits, parts={"ce": ce}, embeddings=z)

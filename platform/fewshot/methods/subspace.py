@@ -106,6 +106,7 @@ def class_decorrelation(bases: torch.Tensor) -> torch.Tensor:
 @register
 class Subspace(FewShotMethod):
     name = "subspace"
+    splits_prediction = True
     Params = SubspaceParams
 
     def __init__(self, backbone, params, shape):
@@ -140,15 +141,27 @@ class Subspace(FewShotMethod):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> logits [M, N], projected support [N*K, S, d], class bases U [S, N, d, K]."""
         # One forward over support and query: one batch, one set of batch statistics.
-        z = self.backbone(torch.cat([support_x, query_x]))
+        z = self.features(torch.cat([support_x, query_x]))
+        support_z, query_z = z[: len(support_x)], z[len(support_x) :]
+        bases = self.prepare(support_z, support_y)["bases"]
+        return self.score({"bases": bases}, query_z), support_z, bases
+
+    def features(self, x):
+        """Images -> projected embeddings [B, S, d] (fp32)."""
+        z = self.backbone(x)
         # QR has no bf16 kernel, and residuals are differences of near-equal norms.
         with torch.autocast(z.device.type, enabled=False):
             p = self.params
-            z = self.projection(z.float()).view(len(z), p.n_subspaces, p.subspace_dim)
-            support_z, query_z = z[: len(support_x)], z[len(support_x) :]
+            return self.projection(z.float()).view(len(z), p.n_subspaces, p.subspace_dim)
+
+    def prepare(self, support_z, support_y):
+        with torch.autocast(support_z.device.type, enabled=False):
             n_way = int(support_y.max()) + 1
-            bases = class_bases(class_supports(support_z, support_y, n_way))
-            return -projection_distances(query_z, bases), support_z, bases
+            return {"bases": class_bases(class_supports(support_z, support_y, n_way))}
+
+    def score(self, prepared, query_z):
+        with torch.autocast(query_z.device.type, enabled=False):
+            return -projection_distances(query_z, prepared["bases"])
 
     def predict(self, support_x, support_y, query_x):
         return self.classify(support_x, support_y, query_x)[0]

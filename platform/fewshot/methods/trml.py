@@ -67,6 +67,7 @@ def cosine_scores(query_maps: torch.Tensor, support_maps: torch.Tensor) -> torch
 @register
 class TRML(FewShotMethod):
     name = "trml"
+    splits_prediction = True
     Params = TRMLParams
 
     def __init__(self, backbone, params, shape):
@@ -103,15 +104,24 @@ class TRML(FewShotMethod):
         scores = torch.einsum("mpd,nrd->mnpr", q, k) / math.sqrt(q.shape[-1])  # [M, N, P, P]
         return self.out(dual_softmax(scores) @ values)
 
+    def features(self, x):
+        """Images -> spatial feature maps [B, P, C]."""
+        return spatial_features(self.backbone.feature_maps(x))
+
+    def prepare(self, support_z, support_y):
+        """Support maps [N*K, P, C] -> the class maps [N, P, C] (position-wise means)."""
+        with torch.autocast(support_z.device.type, enabled=False):
+            n_way = int(support_y.max()) + 1
+            positions, channels = support_z.shape[1:]
+            class_maps = prototypes(support_z.float().flatten(1), support_y, n_way)  # [N, P*C]
+            return {"class_maps": class_maps.view(n_way, positions, channels)}
+
+    def score(self, prepared, query_z):
+        with torch.autocast(query_z.device.type, enabled=False):
+            query_maps = query_z.float()
+            adapted = self.adapted_support(query_maps, prepared["class_maps"])
+            return self.log_temperature.exp() * cosine_scores(query_maps, adapted)
+
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
-        maps = spatial_features(self.backbone.feature_maps(torch.cat([support_x, query_x])))
-        with torch.autocast(maps.device.type, enabled=False):
-            maps = maps.float()
-            support_maps, query_maps = maps[: len(support_x)], maps[len(support_x) :]
-            n_way = int(support_y.max()) + 1
-            positions, channels = support_maps.shape[1:]
-            class_maps = prototypes(support_maps.flatten(1), support_y, n_way)  # [N, P*C]
-            class_maps = class_maps.view(n_way, positions, channels)
-            adapted = self.adapted_support(query_maps, class_maps)
-            return self.log_temperature.exp() * cosine_scores(query_maps, adapted)
+        return self.split_predict(support_x, support_y, query_x)

@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -99,13 +100,22 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     ) -> list[dict]:
         """Encoded support images with their labels, encoded queries -> one
         `{"label", "probabilities"}` per query."""
+        support = self.support_set(support_images, support_labels)
+        query_x = self.queries(query_images)
+        with torch.no_grad():
+            logits = self.method.predict(support.x, support.y, query_x)  # [M, N]
+        return answers(support.classes, logits)
+
+    def support_set(
+        self, support_images: Sequence[bytes], support_labels: Sequence[str]
+    ) -> SupportSet:
+        """Encoded support images with their labels -> the task's classes and tensors,
+        refused when the task is malformed or the model cannot answer it."""
         if len(support_images) != len(support_labels):
             raise RequestError(
                 f"support_labels: {len(support_labels)} labels for {len(support_images)} "
                 "support_images; give one label per support image"
             )
-        if not query_images:
-            raise RequestError("query_images: empty; send at least one image to classify")
         classes = list(dict.fromkeys(support_labels))
         if len(classes) < 2:
             raise RequestError(
@@ -114,19 +124,34 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
             )
         self.check_task(len(classes))
         index = {label: i for i, label in enumerate(classes)}
-        support_x = self.preprocessing.tensor(support_images, "support_images")  # [S, C, H, W]
-        support_y = torch.tensor([index[label] for label in support_labels])  # [S], 0..N-1
-        query_x = self.preprocessing.tensor(query_images, "query_images")  # [M, C, H, W]
-        with torch.no_grad():
-            logits = self.method.predict(support_x, support_y, query_x)  # [M, N]
-        probabilities = torch.softmax(logits.float(), dim=1)
-        return [
-            {
-                "label": classes[int(p.argmax())],
-                "probabilities": dict(zip(classes, p.tolist(), strict=True)),
-            }
-            for p in probabilities
-        ]
+        x = self.preprocessing.tensor(support_images, "support_images")  # [S, C, H, W]
+        y = torch.tensor([index[label] for label in support_labels])  # [S], 0..N-1
+        return SupportSet(classes, x, y)
+
+    def queries(self, query_images: Sequence[bytes]) -> torch.Tensor:
+        """Encoded queries -> float [M, C, H, W]."""
+        if not query_images:
+            raise RequestError("query_images: empty; send at least one image to classify")
+        return self.preprocessing.tensor(query_images, "query_images")
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    classes: list[str]  # the caller's labels; class i is the i-th distinct one
+    x: torch.Tensor  # [S, C, H, W]
+    y: torch.Tensor  # [S] in 0..N-1
+
+
+def answers(classes: list[str], logits: torch.Tensor) -> list[dict]:
+    """Logits [M, N] over `classes` -> one `{"label", "probabilities"}` per query."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    return [
+        {
+            "label": classes[int(p.argmax())],
+            "probabilities": dict(zip(classes, p.tolist(), strict=True)),
+        }
+        for p in probabilities
+    ]
 
 
 def decode_base64(texts: Sequence[str], name: str) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""A small Python client of the scoring server that `fewshot serve` starts.
+"""A small Python client of the servers that `fewshot serve` starts.
 
     from fewshot.serve import Client
 
@@ -6,6 +6,13 @@
     client.wait_ready()
     answers = client.predict({"alpha": ["a1.png"], "beta": ["b1.png"]}, ["x.png", "y.png"])
     answers[0]["label"], answers[0]["probabilities"]
+
+Against Ray Serve (`fewshot serve NAME --ray`) a support set can be posted once and
+then named by its id:
+
+    support_id = client.post_supports({"alpha": [...], "beta": [...]})["support_id"]
+    answers = client.classify(support_id, ["x.png", "y.png"])
+    client.model_version   # the version that gave the last answer (Ray Serve only)
 
 Images are file paths or encoded bytes (PNG or JPEG). Standard library only.
 """
@@ -30,16 +37,22 @@ def _base64(image: Image) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def support_inputs(support: Mapping[str, Sequence[Image]]) -> dict:
+    """A support set {label: images} as the request's `support_images` and `support_labels`."""
+    return {
+        "support_images": [_base64(i) for images in support.values() for i in images],
+        "support_labels": [label for label, images in support.items() for _ in images],
+    }
+
+
 def request_body(support: Mapping[str, Sequence[Image]], query: Sequence[Image]) -> dict:
     """The JSON body of `POST /invocations` for a support set {label: images} and queries."""
-    labels = [label for label, images in support.items() for _ in images]
-    return {
-        "inputs": {
-            "support_images": [_base64(i) for images in support.values() for i in images],
-            "support_labels": labels,
-            "query_images": [_base64(i) for i in query],
-        }
-    }
+    return {"inputs": {**support_inputs(support), "query_images": [_base64(i) for i in query]}}
+
+
+def classify_body(support_id: str, query: Sequence[Image]) -> dict:
+    """The JSON body of `POST /classify`: queries against a cached support set."""
+    return {"inputs": {"support_id": support_id, "query_images": [_base64(i) for i in query]}}
 
 
 def _error_message(body: bytes) -> str:
@@ -57,6 +70,7 @@ class Client:
     def __init__(self, url: str = "http://127.0.0.1:5001", timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.model_version: str | None = None
 
     def ping(self) -> bool:
         """True when the server is up and its model loaded."""
@@ -85,15 +99,31 @@ class Client:
 
     def invoke(self, body: dict) -> list[dict]:
         """POST a prepared body to /invocations; a refused request raises `RequestError`."""
+        return self.post("/invocations", body)["predictions"]
+
+    def post_supports(self, support: Mapping[str, Sequence[Image]]) -> dict:
+        """Cache a support set {label: images} on the server (Ray Serve): returns
+        {"support_id", "classes"}; the same set always gets the same id."""
+        return self.post("/supports", {"inputs": support_inputs(support)})
+
+    def classify(self, support_id: str, query: Sequence[Image]) -> list[dict]:
+        """Queries against a cached support set -> one {"label", "probabilities"} each."""
+        return self.post("/classify", classify_body(support_id, query))["predictions"]
+
+    def post(self, path: str, body: dict) -> dict:
+        """POST `body` as JSON to `path`; the answer's JSON. A refused request raises
+        `RequestError`, a server failure `ServeError`."""
         request = urllib.request.Request(
-            f"{self.url}/invocations",
+            f"{self.url}{path}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                return json.loads(answer.read())["predictions"]
+                content = json.loads(answer.read())
+                self.model_version = content.get("model_version")
+                return content
         except urllib.error.HTTPError as exc:
             reason = _error_message(exc.read())
             if 400 <= exc.code < 500:

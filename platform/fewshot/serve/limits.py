@@ -6,7 +6,8 @@ server. So every request to `/invocations` passes `check_request` first, in an A
 middleware (`Guard`) in front of MLflow's app, and is refused with a 413 or 400 whose
 JSON names the limit (`"limit": "max_images"`), before it costs more than the body
 itself. Any 4xx answer, ours or MLflow's, quotes at most `QUOTE` characters of the
-request. A future server (Ray Serve, say) wraps its app in the same `Guard`.
+request. The Ray Serve path (serve/ray_app.py) calls the same `check_request` on each of
+its routes (`ROUTES`).
 
 Each limit is a setting of `fewshot serve` and travels to the server's processes as
 an environment variable (FEWSHOT_SERVE_MAX_IMAGES, ...).
@@ -22,6 +23,13 @@ from typing import Any
 from fewshot.errors import ServeError
 
 INPUTS = ("support_images", "support_labels", "query_images")
+# The string lists each route's body holds under "inputs"; /classify also names a
+# cached support set by "support_id" (a string).
+ROUTES = {
+    "/invocations": INPUTS,
+    "/supports": ("support_images", "support_labels"),
+    "/classify": ("query_images",),
+}
 QUOTE = 300  # characters of the request a 4xx answer may quote
 PADDED_BYTES_PER_CHAR = 4  # numpy's fixed-width unicode: every string as long as the longest
 
@@ -81,8 +89,12 @@ def quote(text: str, limit: int = QUOTE) -> str:
     )
 
 
-def check_request(body: bytes, content_type: str, limits: Limits) -> None:
-    """Refuse a request to /invocations that is malformed or past a limit."""
+def check_request(
+    body: bytes, content_type: str, limits: Limits, route: str = "/invocations"
+) -> dict[str, Any]:
+    """Refuse a request to `route` (one of ROUTES) that is malformed or past a limit;
+    return its "inputs"."""
+    names = ROUTES[route]
     media = content_type.partition(";")[0].strip().lower()
     if media != "application/json":
         raise Refused(415, f"Content-Type {quote(content_type, 80)!r}: send application/json")
@@ -96,16 +108,20 @@ def check_request(body: bytes, content_type: str, limits: Limits) -> None:
         raise Refused(400, f"body: not valid JSON ({quote(str(exc), 120)})") from None
     inputs = tree.get("inputs") if isinstance(tree, dict) else None
     if not isinstance(inputs, dict):
-        raise Refused(
-            400,
-            'body: expected {"inputs": {"support_images": [...], "support_labels": [...], '
-            '"query_images": [...]}}',
+        expected = ", ".join(
+            [
+                *(['"support_id": "..."'] if route == "/classify" else []),
+                *(f'"{n}": [...]' for n in names),
+            ]
         )
-    for name in INPUTS:
+        raise Refused(400, f'body: expected {{"inputs": {{{expected}}}}}')
+    for name in names:
         values = inputs.get(name)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise Refused(400, f"{name}: expected a list of strings")
-    images = len(inputs["support_images"]) + len(inputs["query_images"])
+    if route == "/classify" and not isinstance(inputs.get("support_id"), str):
+        raise Refused(400, "support_id: expected the string that POST /supports answered")
+    images = sum(len(inputs[n]) for n in ("support_images", "query_images") if n in names)
     if images > limits.max_images:
         raise Refused(
             413,
@@ -113,7 +129,7 @@ def check_request(body: bytes, content_type: str, limits: Limits) -> None:
             f"(max_images); send fewer per request",
             "max_images",
         )
-    for i, label in enumerate(inputs["support_labels"]):
+    for i, label in enumerate(inputs.get("support_labels", [])):
         if len(label) > limits.max_label_chars:
             raise Refused(
                 400,
@@ -121,7 +137,7 @@ def check_request(body: bytes, content_type: str, limits: Limits) -> None:
                 f"{limits.max_label_chars} (max_label_chars); send shorter labels",
                 "max_label_chars",
             )
-    for name in INPUTS:
+    for name in names:
         values = inputs[name]
         padded = len(values) * max(map(len, values), default=0) * PADDED_BYTES_PER_CHAR
         if padded > limits.max_array_bytes:
@@ -132,6 +148,7 @@ def check_request(body: bytes, content_type: str, limits: Limits) -> None:
                 "send images of similar size, or fewer per request",
                 "max_array_bytes",
             )
+    return inputs
 
 
 def too_big(size: int, limits: Limits) -> str:

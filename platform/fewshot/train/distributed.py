@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-import fewshot
 from fewshot import model_file
 from fewshot.config import Config, as_dict, validate
 from fewshot.errors import ConfigError, FewShotError
+from fewshot.ray_cluster import connect
 from fewshot.safety import remove_inside
 from fewshot.tracking import Tracker, tracking_uri
 from fewshot.train.comm import Comm
@@ -86,28 +86,6 @@ def worker_loop(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(worker, logger.log, on_round)
-
-
-def connect(address: str | None, dashboard: bool = False) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine,
-    with its dashboard on 127.0.0.1 if `dashboard`: Ray Tune over Ray Train needs it
-    (the State API behind it is how Train removes the placement group of a run whose
-    driver was stopped, as a trial stopped by the scheduler is; without it the run's
-    CPUs stay reserved and later trials wait forever)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Workers import exactly the driver's code (a submitted job's copy, not whatever
-    # version a node has installed).
-    code = {"py_modules": [str(Path(fewshot.__file__).parent)]}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=code)
-    elif dashboard:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=code)
-    else:
-        ray.init(include_dashboard=False, runtime_env=code)
 
 
 def check_resources(config: Config) -> None:

@@ -73,9 +73,10 @@ from fewshot import model_file
 from fewshot.config import Config, as_dict, resolved_yaml, validate
 from fewshot.errors import ConfigError, FewShotError, Interrupted
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
+from fewshot.ray_cluster import connect
 from fewshot.run_dir import RunDir
 from fewshot.tracking import Tracker, git_commit, tracked_run, tracking_uri
-from fewshot.train.distributed import check_resources, connect, fit_on_ray, storage_path
+from fewshot.train.distributed import check_resources, fit_on_ray, storage_path
 from fewshot.train.loop import eval_rounds
 from fewshot.tune.space import SEARCH_FILE, TuneSpec, load_saved, read_tune_file, trial_config
 

@@ -1,0 +1,351 @@
+"""`fewshot serve NAME --ray`: a registered model on Ray Serve, replicated.
+
+Routes (JSON in and out, the same limits as the scoring server: `limits.check_request`):
+
+    POST /invocations   {"inputs": {"support_images", "support_labels", "query_images"}}
+                        -> {"predictions": [...], "model_version": V}: the scoring
+                        server's contract, so `fewshot.serve.Client` works against both
+    POST /supports      {"inputs": {"support_images", "support_labels"}}
+                        -> {"support_id", "classes", "model_version"}
+    POST /classify      {"inputs": {"support_id", "query_images"}}
+                        -> {"predictions": [...], "model_version": V}, without embedding
+                        the supports again; an unknown or expired id is a 404 that says
+                        to post the supports again
+    GET  /ping, /version
+
+Every answer names the model version that produced it, in the body and in the header
+`x-fewshot-model-version`.
+
+- **Replicas** (`Replica`) each load the version's MLflow pyfunc once, answer one
+  request of the model's own input example, and only then report ready.
+- **Batching**: the images of concurrent requests to a replica go through the backbone
+  in one forward pass (`serve.batch`, at most `MAX_BATCH` requests, waiting at most
+  `BATCH_WAIT_S` for them), for methods whose prediction splits into per-image features
+  and a support-set step (`FewShotMethod.splits_prediction`). MAML adapts with batch
+  statistics of the whole task and is answered request by request; it cannot cache a
+  support set, and /supports says so.
+- **Cached support sets** live in one `SupportStore` deployment that every replica asks
+  (serve/supports.py), so a support set posted through one replica is found by all.
+- **Champion hot-swap** (`follow_alias`): each replica checks the alias every
+  `poll_s`; on a change it loads and warms the new version beside the old one and then
+  swaps, so no request waits for a load or fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+import torch
+from PIL import Image
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from fewshot.errors import FewShotError, RequestError
+from fewshot.ray_cluster import connect as join_ray
+from fewshot.registry.pyfunc import FewShotModel, answers, decode_base64, input_example
+from fewshot.registry.versions import CHAMPION, alias_version, connect, load
+from fewshot.serve.limits import Limits, Refused, check_request
+from fewshot.serve.server import check_port, resolve
+from fewshot.serve.supports import Entry, SupportCache, support_id
+from fewshot.tracking import tracking_uri
+
+MAX_BATCH = 16  # requests whose images share one forward pass
+BATCH_WAIT_S = 0.005  # how long a replica waits to fill a batch
+VERSION_HEADER = "x-fewshot-model-version"
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: str
+    model: FewShotModel
+
+
+def load_version(name: str, version: str, uri: str | None) -> Loaded:
+    """Version `version` of `name`, loaded and warmed with its own input example."""
+    model = load(f"models:/{name}/{version}", uri)
+    example = input_example(model.config, model.preprocessing)
+    support = model.support_set(
+        decode_base64(example["support_images"], "support_images"), example["support_labels"]
+    )
+    queries = model.queries(decode_base64(example["query_images"], "query_images"))
+    method = model.method
+    predict = method.split_predict if method.splits_prediction else method.predict
+    without_grad(predict, support.x, support.y, queries)
+    return Loaded(version, model)
+
+
+def without_grad(function: Callable, *args):
+    """`function(*args)` with autograd off (a per-thread setting in torch)."""
+    with torch.no_grad():
+        return function(*args)
+
+
+async def computed(function: Callable, *args):
+    """`function(*args)` in a worker thread: the replica's event loop goes on taking
+    requests, and filling the next batch, while torch computes."""
+    return await asyncio.to_thread(without_grad, function, *args)
+
+
+class NotFound(Exception):
+    """An unknown or expired support id (404)."""
+
+
+# The deployments are plain classes made deployments in `application`: so the class
+# pickles by reference (its module is importable on every node) instead of by value.
+class SupportStore:
+    """The cached support sets of one application (serve/supports.py), shared by its
+    replicas."""
+
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
+        self.cache = SupportCache(max_bytes, ttl_s)
+
+    def put(self, key: str, entry: Entry) -> None:
+        self.cache.put(key, entry)
+
+    def add_prepared(self, key: str, version: str, prepared: dict) -> None:
+        self.cache.add_prepared(key, version, prepared)
+
+    def get(self, key: str) -> Entry | None:
+        return self.cache.get(key)
+
+
+class Replica:
+    def __init__(
+        self,
+        store,
+        name: str,
+        alias: str,
+        version: str,
+        uri: str | None,
+        limits: Limits,
+        max_cache_bytes: int,
+        follow_alias: bool,
+        poll_s: float,
+    ) -> None:
+        self.store, self.name, self.alias, self.uri = store, name, alias, uri
+        self.limits = limits
+        self.max_cache_bytes = max_cache_bytes
+        # Decoding refuses an image whose header declares more pixels (data/decode.py).
+        Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
+        torch.set_num_threads(1)
+        self.loaded = load_version(name, version, uri)
+        if follow_alias:
+            threading.Thread(target=self.follow, args=(poll_s,), daemon=True).start()
+
+    def follow(self, poll_s: float) -> None:
+        """Load the version the alias moves to, beside the one in use, then swap."""
+        while True:
+            time.sleep(poll_s)
+            try:
+                version = alias_version(connect(self.uri), self.name, self.alias)
+                if version and version != self.loaded.version:
+                    self.loaded = load_version(self.name, version, self.uri)
+                    log.info("now serving %s version %s", self.name, version)
+            except FewShotError as exc:  # the registry is down or the alias gone: keep serving
+                log.warning("alias %s of %s: %s", self.alias, self.name, exc)
+
+    async def __call__(self, request: Request) -> Response:
+        loaded = self.loaded  # one version for the whole request, swap or not
+        route = request.url.path.rstrip("/") or "/"
+        try:
+            if request.method == "GET" and route in ("/ping", "/version"):
+                return self.answer(loaded, {"name": self.name, "alias": self.alias})
+            if request.method != "POST" or route not in HANDLERS:
+                raise Refused(404, f"{request.method} {route}: not a route; see the README")
+            body = await request.body()
+            inputs = check_request(
+                body, request.headers.get("content-type", ""), self.limits, route
+            )
+            handler = getattr(self, HANDLERS[route])
+            return self.answer(loaded, await handler(loaded, inputs))
+        except Refused as exc:
+            return Response(exc.body(), exc.status, media_type="application/json")
+        except NotFound as exc:
+            return self.error(loaded, 404, "NOT_FOUND", str(exc))
+        except FewShotError as exc:
+            return self.error(loaded, 400, "BAD_REQUEST", str(exc))
+
+    @staticmethod
+    def answer(loaded: Loaded, content: dict) -> JSONResponse:
+        return JSONResponse(
+            {**content, "model_version": loaded.version},
+            headers={VERSION_HEADER: loaded.version},
+        )
+
+    @staticmethod
+    def error(loaded: Loaded, status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse(
+            {"error_code": code, "message": message},
+            status,
+            headers={VERSION_HEADER: loaded.version},
+        )
+
+    async def invocations(self, loaded: Loaded, inputs: dict) -> dict:
+        model, method = loaded.model, loaded.model.method
+        support = model.support_set(
+            decode_base64(inputs["support_images"], "support_images"), inputs["support_labels"]
+        )
+        queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
+        if not method.splits_prediction:
+            logits = await computed(method.predict, support.x, support.y, queries)
+        else:
+            z = await self.features((loaded, torch.cat([support.x, queries])))
+            n = len(support.x)
+            prepared = await computed(method.prepare, z[:n], support.y)
+            logits = await computed(method.score, prepared, z[n:])
+        return {"predictions": answers(support.classes, logits)}
+
+    async def supports(self, loaded: Loaded, inputs: dict) -> dict:
+        method = loaded.model.method
+        if not method.splits_prediction:
+            raise RequestError(
+                f"this model's method, {method.name}, adapts to each whole task (support and "
+                "queries together), so it has no support set to cache; POST full requests "
+                "to /invocations"
+            )
+        images = decode_base64(inputs["support_images"], "support_images")
+        labels = inputs["support_labels"]
+        key = support_id(images, labels)
+        support = loaded.model.support_set(images, labels)
+        entry = Entry(images, list(labels), support.classes)
+        entry.prepared[loaded.version] = await self.prepare(loaded, support.x, support.y)
+        if entry.size() > self.max_cache_bytes:
+            raise Refused(
+                413,
+                f"support set of {entry.size()} bytes, over the cache's {self.max_cache_bytes} "
+                "(--cache-mb); send it with each request to /invocations instead",
+                "max_cache_bytes",
+            )
+        await self.store.put.remote(key, entry)
+        return {"support_id": key, "classes": support.classes}
+
+    async def classify(self, loaded: Loaded, inputs: dict) -> dict:
+        key = inputs["support_id"]
+        entry = await self.store.get.remote(key)
+        if entry is None:
+            raise NotFound(
+                f"support_id {key[:80]!r}: unknown, expired or evicted; POST the support set "
+                "to /supports again (the same images give the same id)"
+            )
+        prepared = entry.prepared.get(loaded.version)
+        if prepared is None:  # posted under another version: prepare again from its images
+            support = loaded.model.support_set(entry.images, entry.labels)
+            prepared = await self.prepare(loaded, support.x, support.y)
+            await self.store.add_prepared.remote(key, loaded.version, prepared)
+        queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
+        z = await self.features((loaded, queries))
+        logits = await computed(loaded.model.method.score, prepared, z)
+        return {"predictions": answers(entry.classes, logits)}
+
+    async def prepare(self, loaded: Loaded, support_x: torch.Tensor, support_y: torch.Tensor):
+        z = await self.features((loaded, support_x))
+        return await computed(loaded.model.method.prepare, z, support_y)
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def features(self, items: list[tuple[Loaded, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per-image features of every request in the batch, one forward pass per model
+        version among them (two only while a swap is under way)."""
+        results: list[torch.Tensor | None] = [None] * len(items)
+        for loaded in {id(item[0]): item[0] for item in items}.values():
+            mine = [i for i, (other, _) in enumerate(items) if other is loaded]
+            images = [items[i][1] for i in mine]
+            z = await computed(loaded.model.method.features, torch.cat(images))
+            for i, part in zip(mine, z.split([len(x) for x in images]), strict=True):
+                results[i] = part
+        return results
+
+
+HANDLERS = {"/invocations": "invocations", "/supports": "supports", "/classify": "classify"}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Fixed replicas, or Ray Serve's autoscaling between min and max."""
+
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+
+    def options(self) -> dict:
+        if self.autoscale:
+            low, high = self.autoscale
+            config = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 2}
+            return {"autoscaling_config": config}
+        return {"num_replicas": self.replicas}
+
+
+def application(
+    name: str,
+    version: str,
+    *,
+    alias: str = CHAMPION,
+    uri: str | None = None,
+    scale: Scale = Scale(),
+    limits: Limits | None = None,
+    cache_mb: float = 256,
+    cache_ttl_s: float = 3600,
+    follow_alias: bool = False,
+    poll_s: float = 2.0,
+    cpus_per_replica: float = 1.0,
+):
+    """The Ray Serve application of `name` at `version` (bind, not yet run)."""
+    max_bytes = int(cache_mb * 2**20)
+    store = serve.deployment(SupportStore, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    replica = serve.deployment(
+        Replica,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        # Room for a full batch while the one before it computes.
+        max_ongoing_requests=2 * MAX_BATCH,
+        **scale.options(),
+    )
+    return replica.bind(
+        store.bind(max_bytes, cache_ttl_s), name, alias, version, tracking_uri(uri),
+        limits or Limits.from_env(), max_bytes, follow_alias, poll_s,
+    )  # fmt: skip
+
+
+def run(
+    name: str,
+    alias: str = CHAMPION,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    uri: str | None = None,
+    **settings,
+) -> None:
+    """Serve `models:/NAME@alias` on Ray Serve (this machine's Ray, or $RAY_ADDRESS's
+    cluster) until interrupted; `settings` go to `application`."""
+    version = resolve(name, alias, uri)
+    check_port(host, port)
+    join_ray(None)
+    # SIGTERM (a supervisor, `kill`) ends the server as Ctrl-C does: through the cleanup
+    # below, so a Ray this process started does not outlive it. Set after Ray starts,
+    # whose core worker installs a SIGTERM handler of its own that exits at once.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    app_name = f"fewshot-{name}"
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        # Blocks until every replica has loaded and warmed its model.
+        serve.run(application(name, version, alias=alias, uri=uri, **settings), name=app_name)
+        print(
+            f"serving {name} version {version} (@{alias}) on Ray Serve at "
+            f"http://{host}:{port}/invocations (/supports, /classify); Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(app_name)
+        ray.shutdown()

@@ -1,0 +1,296 @@
+"""`fewshot serve --ray`: a real Ray Serve application on 127.0.0.1, two replicas, the
+real MLflow registry; against it the scoring server's contract, cached support sets,
+the limits, load, and a champion hot-swap under traffic."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tests.serve.test_server import fewshot, free_port, task
+from tests.test_bad_inputs import BOMB
+
+from fewshot.config import load_config
+from fewshot.errors import RequestError
+from fewshot.pipeline import train
+from fewshot.registry.gate import promote
+from fewshot.registry.versions import load, register
+from fewshot.serve import Client
+from fewshot.serve.client import request_body
+from fewshot.serve.limits import Limits
+
+NAME = "rayserved"
+LIMITS = Limits(max_images=1000, max_body_bytes=2 * 2**20)
+
+
+@dataclass(frozen=True)
+class RayServed:
+    client: Client
+    uri: str
+    port: int
+    store: Path
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def ray_served(tmp_path_factory, synthetic_store):
+    """A tiny model, registered and promoted, on Ray Serve with 2 replicas that follow
+    the champion alias (checked every 0.5 s)."""
+    import ray
+    from ray import serve
+
+    from fewshot.ray_cluster import connect
+    from fewshot.serve.ray_app import Scale, application
+
+    root = tmp_path_factory.mktemp("ray-serve")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    settings = [
+        f"name={NAME}",
+        f"data.path={synthetic_store}",
+        "data.image_size=16",
+        "backbone.width=8",
+        "episode.q_query=3",
+        "train.steps=2",
+        "train.val_episodes=2",
+        "train.threads=1",
+        "evaluate.episodes=10",
+        f"train.output_dir={root / 'runs'}",
+        f"tracking.uri={uri}",
+        "registry.register=true",
+    ]
+    result = train(load_config(None, settings))
+    promote(NAME, uri=uri)
+    port = free_port()
+    connect(None)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = application(
+            NAME, "1", uri=uri, scale=Scale(2), limits=LIMITS,
+            follow_alias=True, poll_s=0.5, cpus_per_replica=0.5,
+        )  # fmt: skip
+        serve.run(app, name=f"fewshot-{NAME}")
+        client = Client(f"http://127.0.0.1:{port}")
+        client.wait_ready(timeout=60)
+        yield RayServed(client, uri, port, synthetic_store, result.run_id)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(port: int, path: str, body: bytes) -> tuple[int, dict, dict]:
+    """(status, JSON answer, headers) of a raw POST."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read()), dict(answer.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def flat(support: dict[str, list[bytes]]) -> tuple[list[bytes], list[str]]:
+    labels = [label for label, images in support.items() for _ in images]
+    return [image for group in support.values() for image in group], labels
+
+
+def assert_same_answers(got: list[dict], expected: list[dict]) -> None:
+    assert [a["label"] for a in got] == [a["label"] for a in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert list(a["probabilities"]) == list(b["probabilities"])
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
+@pytest.mark.cluster
+def test_answers_equal_the_local_model_and_the_scoring_server(ray_served, tmp_path):
+    support, queries = task(ray_served.store)
+    images, labels = flat(support)
+    answers = ray_served.client.predict(support, queries)
+    assert ray_served.client.model_version == "1"
+    local = load(f"models:/{NAME}@champion", ray_served.uri).classify(images, labels, queries)
+    assert_same_answers(answers, local)
+
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        server = fewshot(
+            "serve", NAME, "--port", str(port), uri=ray_served.uri,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        scoring = Client(f"http://127.0.0.1:{port}")
+        scoring.wait_ready(timeout=120)
+        assert_same_answers(answers, scoring.predict(support, queries))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.cluster
+def test_a_cached_support_set_answers_as_the_full_request(ray_served):
+    support, queries = task(ray_served.store)
+    posted = ray_served.client.post_supports(support)
+    assert posted["classes"] == list(support)
+    assert ray_served.client.post_supports(support)["support_id"] == posted["support_id"]
+    assert_same_answers(
+        ray_served.client.classify(posted["support_id"], queries),
+        ray_served.client.predict(support, queries),
+    )
+    status, answer, headers = post(
+        ray_served.port,
+        "/classify",
+        json.dumps({"inputs": {"support_id": "s-unknown", "query_images": []}}).encode(),
+    )
+    assert status == 404 and "POST the support set to /supports again" in answer["message"]
+    assert headers["x-fewshot-model-version"] == "1"
+
+
+@pytest.mark.cluster
+def test_malformed_requests_get_a_4xx_with_json_and_serving_goes_on(ray_served):
+    support, queries = task(ray_served.store, n_way=2)
+    good = request_body(support, queries)
+
+    def altered(**inputs) -> bytes:
+        return json.dumps({"inputs": {**good["inputs"], **inputs}}).encode()
+
+    cases = {
+        "not base64": ("/invocations", altered(query_images=["%%%"]), 400, "not base64"),
+        "not an image": (
+            "/invocations",
+            altered(query_images=[base64.b64encode(b"text").decode()]),
+            400,
+            "not a readable image",
+        ),
+        "lengths differ": ("/invocations", altered(support_labels=["a"]), 400, "1 labels for 2"),
+        "a class with no images": (
+            "/supports",
+            json.dumps({"inputs": {"support_images": [], "support_labels": []}}).encode(),
+            400,
+            "0 distinct class(es)",
+        ),
+        "body over the limit": (
+            "/invocations",
+            altered(query_images=["A" * (3 * 2**20)]),
+            413,
+            "max_body_bytes",
+        ),
+        "10,000 queries": (
+            "/invocations",
+            altered(query_images=["AA=="] * 10_000),
+            413,
+            "over the limit of 1000 (max_images)",
+        ),
+        "decompression bomb": (
+            "/invocations",
+            altered(query_images=[base64.b64encode(BOMB).decode()]),
+            400,
+            "query_images[0]",
+        ),
+    }
+    for case, (path, body, status, message) in cases.items():
+        got, answer, _ = post(ray_served.port, path, body)
+        assert (got, message in answer["message"]) == (status, True), (case, answer)
+        assert answer["error_code"] in ("BAD_REQUEST", "REQUEST_LIMIT_EXCEEDED"), case
+    assert len(ray_served.client.invoke(good)) == len(queries)  # still serving
+
+
+@pytest.mark.cluster
+def test_two_replicas_answer_400_requests_from_8_threads(ray_served):
+    support, queries = task(ray_served.store)
+    body = request_body(support, queries)
+    expected = ray_served.client.invoke(body)
+
+    def one(_: int) -> list[dict]:
+        return Client(ray_served.client.url).invoke(body)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(400)))
+    assert len(results) == 400
+    for answers in results:
+        assert_same_answers(answers, expected)
+
+
+@pytest.mark.cluster
+def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served):
+    support, queries = task(ray_served.store)
+    body = request_body(support, queries)
+    cached = ray_served.client.post_supports(support)["support_id"]
+    versions: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        client = Client(ray_served.client.url)
+        deadline = time.monotonic() + 120  # bounded, whatever happens
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                client.invoke(body)
+                versions.append(client.model_version)
+            except Exception as exc:  # noqa: BLE001 (any failure counts)
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        version = register(ray_served.run_id, NAME, uri=ray_served.uri).version
+        promote(NAME, str(version), force="hot-swap test", uri=ray_served.uri)
+        deadline = time.monotonic() + 90
+        while versions[-20:] != ["2"] * 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        swapped = len(versions)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    print(
+        f"hot-swap: {len(versions)} answers, {versions.count('1')} by version 1, "
+        f"{versions.count('2')} by version 2, {len(failures)} failed, swap seen at {swapped}"
+    )
+    assert failures == []
+    assert versions[0] == "1" and set(versions) == {"1", "2"}
+    assert set(versions[swapped:]) == {"2"} and len(versions) - swapped >= 10
+    # A support set cached under version 1 is prepared again by version 2.
+    ray_served.client.classify(cached, queries)
+    assert ray_served.client.model_version == "2"
+    with pytest.raises(RequestError, match="unknown, expired or evicted"):
+        ray_served.client.classify("s-never-posted", queries)
+
+
+@pytest.mark.cluster
+def test_the_cli_serves_on_ray_and_stops_what_it_started(ray_served, tmp_path):
+    """`fewshot serve NAME --ray` in its own process and its own Ray: it answers, and
+    SIGTERM stops it and the Ray it started."""
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = fewshot(
+            "serve", NAME, "--ray", "--port", str(port), uri=ray_served.uri,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        client.wait_ready(timeout=180)
+        support, queries = task(ray_served.store)
+        assert len(client.predict(support, queries)) == len(queries)
+        assert client.model_version == "2"  # the champion after the hot-swap test
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=120)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    session = subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True, text=True)
+    assert session.stdout.split() == []  # nothing of its session is left
