@@ -17,7 +17,7 @@ LAYERS = [
     {"models"},
     {"methods"},
     {"config"},
-    {"runtime", "run_dir", "tracking", "augment", "evaluate", "model_file"},
+    {"runtime", "ray_cluster", "run_dir", "tracking", "augment", "evaluate", "model_file"},
     {"train"},
     {"registry", "tune"},
     {"serve", "bench", "pipeline", "jobs"},

@@ -246,6 +246,13 @@ class Runtime:
             return cls(device, options[0], threads, "rule")
         return choose(cls(device, options[0], threads), options, probe)
 
+    @classmethod
+    def for_inference(cls, cpus: float | None = None) -> Runtime:
+        """How a loaded model answers requests here, whatever machine trained it: the
+        rule's choice for this machine (bf16 where the device computes it natively,
+        channels_last) on the CPUs given (`cpus`: a Ray Serve replica's share)."""
+        return cls.of(TrainConfig(), cpus)
+
     def params(self) -> dict[str, str]:
         """The choice as run params (`runtime.*`)."""
         return {

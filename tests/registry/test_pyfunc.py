@@ -24,6 +24,7 @@ from fewshot.registry.gate import promote
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import INPUTS, FewShotModel
 from fewshot.registry.versions import current, register
+from fewshot.runtime import Runtime
 from fewshot.streams import Stream
 
 
@@ -49,11 +50,15 @@ def test_champion_through_models_uri_answers_like_the_in_memory_model(omniglot_r
     sampler = EpisodeSampler(split, n_way=5, k_shot=1, q_query=15)
     classes, indices = sampler.sample_indices(np.random.default_rng([Stream.TEST, 0, 0, 0]))
     episode = sampler.build(classes, indices)  # [5 support, 75 queries]
-    method.eval()
-    with torch.no_grad():
-        expected = torch.softmax(
-            method.predict(episode.support_x, episode.support_y, episode.query_x), dim=1
-        )
+    # Computed as a loaded model computes on this machine (precision, memory format).
+    runtime = Runtime.for_inference()
+    method.eval().to(memory_format=runtime.memory_format)
+    x = [
+        t.contiguous(memory_format=runtime.memory_format)
+        for t in (episode.support_x, episode.query_x)
+    ]
+    with torch.no_grad(), runtime.autocast():
+        expected = torch.softmax(method.predict(x[0], episode.support_y, x[1]).float(), dim=1)
     raw = raw_images(runs.store, "small2")
     names = [split.class_names[c] for c in classes]
 
@@ -101,12 +106,9 @@ def in_memory(method: str = "protonet", n_way: int = 5) -> FewShotModel:
             "backbone.width=8",
         ],
     )
-    model = FewShotModel()
-    model.config = config
     torch.manual_seed(0)  # the same weights every run
-    model.method = build_method(config, channels=1).eval()
-    model.preprocessing = Preprocessing(16, 1, True, (0.08,), (0.25,))
-    return model
+    method = build_method(config, channels=1)
+    return FewShotModel().use(config, method, Preprocessing(16, 1, True, (0.08,), (0.25,)))
 
 
 def test_images_of_any_mode_and_size_are_classified(glyph):

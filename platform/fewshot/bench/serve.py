@@ -35,6 +35,7 @@ from fewshot.data.sources import omniglot
 from fewshot.pipeline import train
 from fewshot.ray_cluster import connect
 from fewshot.registry.gate import promote
+from fewshot.runtime import available_cpus
 from fewshot.serve.client import Client, classify_body, request_body
 from fewshot.serve.limits import Limits
 from fewshot.serve.ray_app import Scale, application
@@ -150,7 +151,11 @@ def run(workdir: Path, out: Path, zips: list[Path], requests: int = 100) -> None
     url = f"http://127.0.0.1:{port}"
     try:
         for replicas in (1, 2):
-            app = application(NAME, "1", uri=uri, scale=Scale(replicas), limits=Limits())
+            # The machine's CPUs shared out: one replica gets them all, two get half each.
+            cpus = max(1, available_cpus() // replicas)
+            app = application(
+                NAME, "1", uri=uri, scale=Scale(replicas), limits=Limits(), cpus_per_replica=cpus
+            )
             serve.run(app, name=f"fewshot-{NAME}")
             support_id = Client(url).post_supports(support)["support_id"]
             cached = json.dumps(classify_body(support_id, queries)).encode()

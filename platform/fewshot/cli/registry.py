@@ -134,6 +134,9 @@ def serve(
     cache_ttl: Annotated[
         float, typer.Option(help="--ray: seconds an unused support set stays cached.")
     ] = 3600,
+    cpus_per_replica: Annotated[
+        float, typer.Option(min=0.1, help="--ray: CPUs per replica (its torch threads).")
+    ] = 1.0,
 ) -> None:
     """Serve models:/NAME@ALIAS with MLflow's scoring server, or with --ray on Ray Serve.
 
@@ -159,6 +162,7 @@ def serve(
         follow_alias=follow_alias,
         cache_mb=cache_mb,
         cache_ttl_s=cache_ttl,
+        cpus_per_replica=cpus_per_replica,
     )
 
 

@@ -38,6 +38,7 @@ from fewshot.config import Config
 from fewshot.errors import FewShotError, RegistryError, RequestError
 from fewshot.methods import FewShotMethod
 from fewshot.registry.preprocess import Preprocessing
+from fewshot.runtime import Runtime
 
 INPUTS = ("support_images", "support_labels", "query_images")
 SIGNATURE = ModelSignature(
@@ -61,13 +62,42 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     config: Config
     method: FewShotMethod
     preprocessing: Preprocessing
+    runtime: Runtime  # how it computes on the machine that loaded it
 
     def load_context(self, context) -> None:
-        self.config, self.method = model_file.load(
-            context.artifacts[ARTIFACT], "a registered fewshot model"
+        config, method = model_file.load(context.artifacts[ARTIFACT], "a registered fewshot model")
+        self.use(config, method, Preprocessing.from_dict(context.model_config))
+
+    def use(
+        self, config: Config, method: FewShotMethod, preprocessing: Preprocessing
+    ) -> FewShotModel:
+        """Answer with `method`, trained under `config`, computing as this machine does
+        best (`Runtime.for_inference`)."""
+        self.config, self.preprocessing = config, preprocessing
+        self.runtime = Runtime.for_inference()
+        self.method = method.eval().to(
+            self.runtime.device, memory_format=self.runtime.memory_format
         )
-        self.method.eval()
-        self.preprocessing = Preprocessing.from_dict(context.model_config)
+        return self
+
+    def computed(self, function, *args):
+        """`function(*args)` (a method's `predict`, `features`, `prepare` or `score`) as
+        this model computes: tensors (alone or in a dict) on its device and in its memory
+        format, its precision, no autograd; the result back on the CPU in fp32."""
+        r = self.runtime
+
+        def move(x):
+            if isinstance(x, dict):
+                return {k: move(v) for k, v in x.items()}
+            if x.dim() == 4:
+                return x.to(r.device, memory_format=r.memory_format)
+            return x.to(r.device)
+
+        with torch.no_grad(), r.autocast():
+            result = function(*(move(a) for a in args))
+        if isinstance(result, dict):
+            return {k: v.float().cpu() for k, v in result.items()}
+        return result.float().cpu()
 
     def predict(self, context, model_input, params=None):
         """model_input: {name: 1-D string array} for the three INPUTS -> list of answers."""
@@ -102,8 +132,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
         `{"label", "probabilities"}` per query."""
         support = self.support_set(support_images, support_labels)
         query_x = self.queries(query_images)
-        with torch.no_grad():
-            logits = self.method.predict(support.x, support.y, query_x)  # [M, N]
+        logits = self.computed(self.method.predict, support.x, support.y, query_x)  # [M, N]
         return answers(support.classes, logits)
 
     def support_set(

@@ -70,9 +70,11 @@ class Loaded:
     model: FewShotModel
 
 
-def load_version(name: str, version: str, uri: str | None) -> Loaded:
-    """Version `version` of `name`, loaded and warmed with its own input example."""
+def load_version(name: str, version: str, uri: str | None, threads: int) -> Loaded:
+    """Version `version` of `name`, loaded and warmed with its own input example, computing
+    with `threads` torch threads (the replica's CPUs)."""
     model = load(f"models:/{name}/{version}", uri)
+    torch.set_num_threads(threads)  # loading chose threads for the whole machine
     example = input_example(model.config, model.preprocessing)
     support = model.support_set(
         decode_base64(example["support_images"], "support_images"), example["support_labels"]
@@ -80,20 +82,15 @@ def load_version(name: str, version: str, uri: str | None) -> Loaded:
     queries = model.queries(decode_base64(example["query_images"], "query_images"))
     method = model.method
     predict = method.split_predict if method.splits_prediction else method.predict
-    without_grad(predict, support.x, support.y, queries)
+    model.computed(predict, support.x, support.y, queries)
     return Loaded(version, model)
 
 
-def without_grad(function: Callable, *args):
-    """`function(*args)` with autograd off (a per-thread setting in torch)."""
-    with torch.no_grad():
-        return function(*args)
-
-
-async def computed(function: Callable, *args):
-    """`function(*args)` in a worker thread: the replica's event loop goes on taking
-    requests, and filling the next batch, while torch computes."""
-    return await asyncio.to_thread(without_grad, function, *args)
+async def computed(loaded: Loaded, function: Callable, *args):
+    """`function(*args)` as the model computes (`FewShotModel.computed`), in a worker
+    thread: the replica's event loop goes on taking requests, and filling the next
+    batch, while torch computes."""
+    return await asyncio.to_thread(loaded.model.computed, function, *args)
 
 
 class NotFound(Exception):
@@ -137,8 +134,10 @@ class Replica:
         self.max_cache_bytes = max_cache_bytes
         # Decoding refuses an image whose header declares more pixels (data/decode.py).
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
-        torch.set_num_threads(1)
-        self.loaded = load_version(name, version, uri)
+        self.threads = max(
+            1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        )
+        self.loaded = load_version(name, version, uri, self.threads)
         if follow_alias:
             threading.Thread(target=self.follow, args=(poll_s,), daemon=True).start()
 
@@ -149,7 +148,7 @@ class Replica:
             try:
                 version = alias_version(connect(self.uri), self.name, self.alias)
                 if version and version != self.loaded.version:
-                    self.loaded = load_version(self.name, version, self.uri)
+                    self.loaded = load_version(self.name, version, self.uri, self.threads)
                     log.info("now serving %s version %s", self.name, version)
             except FewShotError as exc:  # the registry is down or the alias gone: keep serving
                 log.warning("alias %s of %s: %s", self.alias, self.name, exc)
@@ -197,12 +196,12 @@ class Replica:
         )
         queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
         if not method.splits_prediction:
-            logits = await computed(method.predict, support.x, support.y, queries)
+            logits = await computed(loaded, method.predict, support.x, support.y, queries)
         else:
             z = await self.features((loaded, torch.cat([support.x, queries])))
             n = len(support.x)
-            prepared = await computed(method.prepare, z[:n], support.y)
-            logits = await computed(method.score, prepared, z[n:])
+            prepared = await computed(loaded, method.prepare, z[:n], support.y)
+            logits = await computed(loaded, method.score, prepared, z[n:])
         return {"predictions": answers(support.classes, logits)}
 
     async def supports(self, loaded: Loaded, inputs: dict) -> dict:
@@ -244,12 +243,12 @@ class Replica:
             await self.store.add_prepared.remote(key, loaded.version, prepared)
         queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
         z = await self.features((loaded, queries))
-        logits = await computed(loaded.model.method.score, prepared, z)
+        logits = await computed(loaded, loaded.model.method.score, prepared, z)
         return {"predictions": answers(entry.classes, logits)}
 
     async def prepare(self, loaded: Loaded, support_x: torch.Tensor, support_y: torch.Tensor):
         z = await self.features((loaded, support_x))
-        return await computed(loaded.model.method.prepare, z, support_y)
+        return await computed(loaded, loaded.model.method.prepare, z, support_y)
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
     async def features(self, items: list[tuple[Loaded, torch.Tensor]]) -> list[torch.Tensor]:
@@ -259,7 +258,7 @@ class Replica:
         for loaded in {id(item[0]): item[0] for item in items}.values():
             mine = [i for i, (other, _) in enumerate(items) if other is loaded]
             images = [items[i][1] for i in mine]
-            z = await computed(loaded.model.method.features, torch.cat(images))
+            z = await computed(loaded, loaded.model.method.features, torch.cat(images))
             for i, part in zip(mine, z.split([len(x) for x in images]), strict=True):
                 results[i] = part
         return results
