@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -294,3 +295,15 @@ def test_the_cli_serves_on_ray_and_stops_what_it_started(ray_served, tmp_path):
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
     session = subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True, text=True)
     assert session.stdout.split() == []  # nothing of its session is left
+
+
+def test_a_bad_autoscale_range_is_refused_in_one_line():
+    refused = subprocess.run(
+        [sys.executable, "-m", "fewshot.cli", "serve", NAME, "--ray", "--autoscale", "3,1"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "error: --autoscale '3,1': give MIN,MAX replicas with 1 <= MIN <= MAX, e.g. 1,4\n"
+    )

@@ -1,8 +1,9 @@
 """`fewshot bench serve`: request latency and throughput of the two servers.
 
-The model is the headline recipe (jobs/configs/omniglot.yaml: ProtoNet, conv4 of
-width 64 at 28 px, 5 test views), trained for a few steps only (serving speed does not
-depend on how long it trained), registered and promoted in a scratch tracking store.
+The models are the headline recipe (jobs/configs/omniglot.yaml: ProtoNet, conv4 of
+width 64 at 28 px, 5 test views) and the same with one test view, trained for a few steps
+only (serving speed does not depend on how long it trained), registered and promoted in
+a scratch tracking store.
 The request is what a caller sends: within-alphabet 20-way 1-shot with 20 queries, the
 original 105 px Omniglot PNGs, base64 in JSON.
 
@@ -35,12 +36,11 @@ from fewshot.data.sources import omniglot
 from fewshot.pipeline import train
 from fewshot.ray_cluster import connect
 from fewshot.registry.gate import promote
-from fewshot.runtime import available_cpus
+from fewshot.runtime import Runtime, available_cpus
 from fewshot.serve.client import Client, classify_body, request_body
 from fewshot.serve.limits import Limits
 from fewshot.serve.ray_app import Scale, application
 
-NAME = "bench-serve"
 CONFIG = Path(__file__).parents[3] / "jobs" / "configs" / "omniglot.yaml"
 CONCURRENCY = (1, 4, 16)
 
@@ -72,18 +72,26 @@ def request_task(store: Path, n_way: int = 20) -> tuple[dict[str, list[bytes]], 
     return {name: images[:1] for name, images in chosen}, [images[1] for _, images in chosen]
 
 
-def trained_model(workdir: Path, zips: list[Path], uri: str) -> Path:
-    """The recipe, trained a few steps, registered and promoted; returns its store."""
+# Models by registered name: the headline recipe, and the same with one test view (a
+# fifth of the compute per image), which shows what is the server's and what the model's.
+MODELS = {"bench-serve": [], "bench-serve-1view": ["method.test_views=1"]}
+
+
+def prepared_store(workdir: Path, zips: list[Path]) -> Path:
     store = workdir / "omniglot"
     omniglot.prepare(zips, store)
+    return store
+
+
+def register_model(name: str, overrides: list[str], store: Path, workdir: Path, uri: str) -> None:
+    """The recipe (with `overrides`), trained a few steps, registered and promoted."""
     settings = [
-        f"name={NAME}", f"data.path={store}", f"train.output_dir={workdir / 'runs'}",
+        f"name={name}", f"data.path={store}", f"train.output_dir={workdir / 'runs'}",
         "train.steps=20", "train.eval_every=20", "train.step_every=20", "evaluate.episodes=20",
-        f"tracking.uri={uri}", f"registry.name={NAME}",
+        f"tracking.uri={uri}", f"registry.name={name}", *overrides,
     ]  # fmt: skip
     train(load_config(CONFIG, settings), restart=True)
-    promote(NAME, uri=uri, force="serving benchmark")
-    return store
+    promote(name, uri=uri, force="serving benchmark")
 
 
 def measure(send, requests: int, concurrency: int) -> tuple[float, float, float]:
@@ -123,59 +131,81 @@ def cells(server: str, url: str, bodies: dict[str, bytes], requests: int) -> lis
     return rows
 
 
-def run(workdir: Path, out: Path, zips: list[Path], requests: int = 100) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
-    store = trained_model(workdir, zips, uri)
-    support, queries = request_task(store)
-    full = json.dumps(request_body(support, queries)).encode()
-    rows: list[Cell] = []
-
+def scoring_server_cells(name: str, uri: str, full: bytes, requests: int) -> list[Cell]:
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     server = subprocess.Popen(
-        [sys.executable, "-m", "fewshot.cli", "serve", NAME, "--port", str(port)],
+        [sys.executable, "-m", "fewshot.cli", "serve", name, "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         Client(url).wait_ready(timeout=180)
-        rows += cells("MLflow scoring server", url, {"full": ("/invocations", full)}, requests)
+        return cells(
+            f"MLflow scoring server ({name})", url, {"full": ("/invocations", full)}, requests
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
+
+def ray_serve_cells(
+    name: str, uri: str, url: str, task: tuple[dict, list[bytes]], requests: int
+) -> list[Cell]:
+    """Ray Serve with 1 and 2 replicas, the machine's CPUs shared out among them."""
+    support, queries = task
+    full = json.dumps(request_body(support, queries)).encode()
+    rows = []
+    for replicas in (1, 2):
+        cpus = max(1, available_cpus() // replicas)
+        app = application(
+            name, "1", uri=uri, scale=Scale(replicas), limits=Limits(), cpus_per_replica=cpus
+        )
+        serve.run(app, name=f"fewshot-{name}")
+        support_id = Client(url).post_supports(support)["support_id"]
+        cached = json.dumps(classify_body(support_id, queries)).encode()
+        bodies = {"full": ("/invocations", full), "cached supports": ("/classify", cached)}
+        label = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''} ({name})"
+        rows += cells(label, url, bodies, requests)
+        # Gone before the next deployment: a rolling update would wait for the CPUs that
+        # this one's replicas hold.
+        serve.delete(f"fewshot-{name}")
+    return rows
+
+
+def run(workdir: Path, out: Path, zips: list[Path], requests: int = 100) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    store = prepared_store(workdir, zips)
+    task = request_task(store)
+    full = json.dumps(request_body(*task)).encode()
+    rows: list[Cell] = []
+    for name, overrides in MODELS.items():
+        register_model(name, overrides, store, workdir, uri)
+        rows += scoring_server_cells(name, uri, full, requests)
     port = free_port()
     connect(None)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
     try:
-        for replicas in (1, 2):
-            # The machine's CPUs shared out: one replica gets them all, two get half each.
-            cpus = max(1, available_cpus() // replicas)
-            app = application(
-                NAME, "1", uri=uri, scale=Scale(replicas), limits=Limits(), cpus_per_replica=cpus
-            )
-            serve.run(app, name=f"fewshot-{NAME}")
-            support_id = Client(url).post_supports(support)["support_id"]
-            cached = json.dumps(classify_body(support_id, queries)).encode()
-            bodies = {"full": ("/invocations", full), "cached supports": ("/classify", cached)}
-            label = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}"
-            rows += cells(label, url, bodies, requests)
+        for name in MODELS:
+            rows += ray_serve_cells(name, uri, f"http://127.0.0.1:{port}", task, requests)
     finally:
         serve.shutdown()
 
+    runtime = Runtime.for_inference()
     intro = (
-        f"Measured on {machine()}. The request: within-alphabet 20-way 1-shot, 20 queries, "
-        "the original 105 px Omniglot PNGs (base64 JSON, "
-        f"{len(full) / 1024:.0f} KB); the model: the headline recipe (ProtoNet, conv4 of width "
-        "64 at 28 px, 5 test views). 'cached supports' posts the support set once to "
-        "/supports, then sends only the queries to /classify. "
-        f"{requests} requests per cell after 3 warm-up requests; the client threads share "
-        "the machine's cores with the servers. Each Ray Serve replica computes with one "
-        "torch thread."
+        f"Measured on {machine()}; models compute as `auto` picks here ({runtime.execution}). "
+        "The request: within-alphabet 20-way 1-shot, 20 queries, the original 105 px "
+        f"Omniglot PNGs (base64 JSON, {len(full) / 1024:.0f} KB). The model: the headline "
+        "recipe (ProtoNet, conv4 of width 64 at 28 px), with its 5 test views "
+        "(`bench-serve`: 200 images through the backbone per full request) and with one "
+        "(`bench-serve-1view`). 'cached supports' posts the support set once to /supports, "
+        "then sends only the queries to /classify. "
+        f"{requests} requests per cell after 3 warm-up requests, from client threads that "
+        "share the machine's cores with the servers. The scoring server is one uvicorn "
+        "worker with every CPU; one Ray Serve replica gets every CPU, two get half each."
     )
-    header = ["server", "request", "concurrency", "p50 ms", "p99 ms", "requests/s"]
+    header = ["server (model)", "request", "concurrency", "p50 ms", "p99 ms", "requests/s"]
     write_table(out, "Serving: latency and throughput", intro, header, [c.row() for c in rows])
 
 

@@ -25,7 +25,10 @@ Every answer names the model version that produced it, in the body and in the he
   statistics of the whole task and is answered request by request; it cannot cache a
   support set, and /supports says so.
 - **Cached support sets** live in one `SupportStore` deployment that every replica asks
-  (serve/supports.py), so a support set posted through one replica is found by all.
+  (serve/supports.py), so a support set posted through one replica is found by all; each
+  replica keeps the sets it used in a cache of its own in front of it (an id names fixed
+  content, so a copy is never stale), which saves the store's round trip on a stream of
+  queries against the same set.
 - **Champion hot-swap** (`follow_alias`): each replica checks the alias every
   `poll_s`; on a change it loads and warms the new version beside the old one and then
   swaps, so no request waits for a load or fails.
@@ -59,7 +62,7 @@ from fewshot.serve.supports import Entry, SupportCache, support_id
 from fewshot.tracking import tracking_uri
 
 MAX_BATCH = 16  # requests whose images share one forward pass
-BATCH_WAIT_S = 0.005  # how long a replica waits to fill a batch
+BATCH_WAIT_S = 0.002  # how long a replica waits to fill a batch
 VERSION_HEADER = "x-fewshot-model-version"
 log = logging.getLogger("ray.serve")
 
@@ -126,12 +129,14 @@ class Replica:
         uri: str | None,
         limits: Limits,
         max_cache_bytes: int,
+        cache_ttl_s: float,
         follow_alias: bool,
         poll_s: float,
     ) -> None:
         self.store, self.name, self.alias, self.uri = store, name, alias, uri
         self.limits = limits
         self.max_cache_bytes = max_cache_bytes
+        self.near = SupportCache(max_cache_bytes, cache_ttl_s)
         # Decoding refuses an image whose header declares more pixels (data/decode.py).
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
         self.threads = max(
@@ -226,11 +231,16 @@ class Replica:
                 "max_cache_bytes",
             )
         await self.store.put.remote(key, entry)
+        self.near.put(key, entry)
         return {"support_id": key, "classes": support.classes}
 
     async def classify(self, loaded: Loaded, inputs: dict) -> dict:
         key = inputs["support_id"]
-        entry = await self.store.get.remote(key)
+        entry = self.near.get(key)
+        if entry is None:
+            entry = await self.store.get.remote(key)
+            if entry is not None:
+                self.near.put(key, entry)
         if entry is None:
             raise NotFound(
                 f"support_id {key[:80]!r}: unknown, expired or evicted; POST the support set "
@@ -240,6 +250,7 @@ class Replica:
         if prepared is None:  # posted under another version: prepare again from its images
             support = loaded.model.support_set(entry.images, entry.labels)
             prepared = await self.prepare(loaded, support.x, support.y)
+            entry.prepared[loaded.version] = prepared
             await self.store.add_prepared.remote(key, loaded.version, prepared)
         queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
         z = await self.features((loaded, queries))
@@ -308,7 +319,7 @@ def application(
     )
     return replica.bind(
         store.bind(max_bytes, cache_ttl_s), name, alias, version, tracking_uri(uri),
-        limits or Limits.from_env(), max_bytes, follow_alias, poll_s,
+        limits or Limits.from_env(), max_bytes, cache_ttl_s, follow_alias, poll_s,
     )  # fmt: skip
 
 
