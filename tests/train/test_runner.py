@@ -8,6 +8,7 @@ from fewshot.config import load_config, resolved_yaml
 from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import evaluate_method, mean_ci
 from fewshot.model_file import from_run
+from fewshot.registry.versions import current
 from fewshot.train.runner import train
 
 
@@ -33,23 +34,24 @@ def test_run_is_tracked_in_mlflow_and_reloads_to_the_same_accuracy(workdir, synt
     cfg = config(synthetic_store)
     result = train(cfg)
     assert (workdir / "mlflow.db").is_file()
-    mlflow.set_tracking_uri("sqlite:///mlflow.db")
-    run = mlflow.get_run(result.run_id)
-    assert run.data.params["episode.n_way"] == "5" and run.data.params["train.steps"] == "4"
-    assert run.data.tags["fewshot.method"] == "protonet"
-    assert run.data.tags["git.commit"] and run.data.tags["version.torch"]
-    assert run.data.metrics["test_acc"] == pytest.approx(result.test.mean)
-    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_acc")
-    assert [m.step for m in history] == [2, 4]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"config.yaml", "evaluation.json", "model"} <= artifacts
-    table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/evaluation.json"))
-    assert table[0]["accuracy"] == round(result.test.mean, 4)
-    # The logged model and the run directory give back the same accuracy on the same episodes.
-    for source in (result.run_id, str(result.run_dir)):
-        loaded_config, method = from_run(source)
-        assert loaded_config == cfg
-        assert evaluate_method(method, loaded_config).mean == pytest.approx(result.test.mean)
+    # Scoped: a process-wide URI would also be exported to the tests that follow.
+    with current("sqlite:///mlflow.db"):
+        run = mlflow.get_run(result.run_id)
+        assert run.data.params["episode.n_way"] == "5" and run.data.params["train.steps"] == "4"
+        assert run.data.tags["fewshot.method"] == "protonet"
+        assert run.data.tags["git.commit"] and run.data.tags["version.torch"]
+        assert run.data.metrics["test_acc"] == pytest.approx(result.test.mean)
+        history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_acc")
+        assert [m.step for m in history] == [2, 4]
+        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+        assert {"config.yaml", "evaluation.json", "model"} <= artifacts
+        table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/evaluation.json"))
+        assert table[0]["accuracy"] == round(result.test.mean, 4)
+        # The logged model and the run directory give back the same accuracy on the same episodes.
+        for source in (result.run_id, str(result.run_dir)):
+            loaded_config, method = from_run(source)
+            assert loaded_config == cfg
+            assert evaluate_method(method, loaded_config).mean == pytest.approx(result.test.mean)
 
 
 def test_finished_and_mismatched_runs_are_refused(workdir, synthetic_store):

@@ -54,17 +54,23 @@ class ProtoNet(FewShotMethod):
         z = self.embed(fixed_views(x, views) if views > 1 else x)
         return z.view(views, len(x), -1).mean(0)
 
+    # Means and distances in fp32 under bf16 autocast too: |q|^2 - 2 q.c + |c|^2 in bf16
+    # loses the difference between near classes (an exact copy of a support image is then
+    # not nearest its own prototype). They are [N*K, D] and [M, D] sized: cheap in fp32.
     def prepare(self, support_z, support_y):
-        return {"prototypes": prototypes(support_z, support_y, int(support_y.max()) + 1)}
+        with torch.autocast(support_z.device.type, enabled=False):
+            n_way = int(support_y.max()) + 1
+            return {"prototypes": prototypes(support_z.float(), support_y, n_way)}
 
     def score(self, prepared, query_z):
         """[M, D] against the prototypes [N, D] -> logits [M, N]."""
-        centres = prepared["prototypes"]
-        if self.params.distance == "cosine":
-            scores = F.normalize(query_z, dim=1) @ F.normalize(centres, dim=1).T
-        else:
-            scores = -squared_distances(query_z, centres)
-        return scores / self.params.temperature
+        with torch.autocast(query_z.device.type, enabled=False):
+            query_z, centres = query_z.float(), prepared["prototypes"]
+            if self.params.distance == "cosine":
+                scores = F.normalize(query_z, dim=1) @ F.normalize(centres, dim=1).T
+            else:
+                scores = -squared_distances(query_z, centres)
+            return scores / self.params.temperature
 
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
