@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.serve.test_server import fewshot, free_port, task
+from tests.serve.test_server import champion_of_tiny_run, fewshot, free_port, task
 from tests.test_bad_inputs import BOMB
 
-from fewshot.config import load_config
 from fewshot.errors import RequestError
-from fewshot.pipeline import train
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load, register
 from fewshot.serve import Client
@@ -54,24 +52,7 @@ def ray_served(tmp_path_factory, synthetic_store):
     from fewshot.ray_cluster import connect
     from fewshot.serve.ray_app import Scale, application
 
-    root = tmp_path_factory.mktemp("ray-serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    settings = [
-        f"name={NAME}",
-        f"data.path={synthetic_store}",
-        "data.image_size=16",
-        "backbone.width=8",
-        "episode.q_query=3",
-        "train.steps=2",
-        "train.val_episodes=2",
-        "train.threads=1",
-        "evaluate.episodes=10",
-        f"train.output_dir={root / 'runs'}",
-        f"tracking.uri={uri}",
-        "registry.register=true",
-    ]
-    result = train(load_config(None, settings))
-    promote(NAME, uri=uri)
+    uri, run_id = champion_of_tiny_run(NAME, tmp_path_factory.mktemp("ray-serve"), synthetic_store)
     port = free_port()
     connect(None)
     try:
@@ -83,7 +64,7 @@ def ray_served(tmp_path_factory, synthetic_store):
         serve.run(app, name=f"fewshot-{NAME}")
         client = Client(f"http://127.0.0.1:{port}")
         client.wait_ready(timeout=60)
-        yield RayServed(client, uri, port, synthetic_store, result.run_id)
+        yield RayServed(client, uri, port, synthetic_store, run_id)
     finally:
         serve.shutdown()
         ray.shutdown()

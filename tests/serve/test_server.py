@@ -47,31 +47,34 @@ class Served:
     server_pid: int  # uvicorn, one worker: the process that holds the model
 
 
+def champion_of_tiny_run(name: str, root: Path, store: Path) -> tuple[str, str]:
+    """A tiny model trained with `registry.register` in a tracking store under `root`, and
+    promoted: (tracking URI, training run id)."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    settings = [
+        f"name={name}",
+        f"data.path={store}",
+        "data.image_size=16",
+        "backbone.width=8",
+        "episode.q_query=3",
+        "train.steps=2",
+        "train.val_episodes=2",
+        "train.threads=1",
+        "evaluate.episodes=10",
+        f"train.output_dir={root / 'runs'}",
+        f"tracking.uri={uri}",
+        "registry.register=true",
+    ]
+    result = train(load_config(None, settings))
+    promote(name, uri=uri)
+    return uri, result.run_id
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synthetic_store):
     """A tiny model trained with `registry.register`, promoted, and served by the CLI."""
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    train(
-        load_config(
-            None,
-            [
-                "name=served",
-                f"data.path={synthetic_store}",
-                "data.image_size=16",
-                "backbone.width=8",
-                "episode.q_query=3",
-                "train.steps=2",
-                "train.val_episodes=2",
-                "train.threads=1",
-                "evaluate.episodes=10",
-                f"train.output_dir={root / 'runs'}",
-                f"tracking.uri={uri}",
-                "registry.register=true",
-            ],
-        )
-    )
-    promote("served", uri=uri)
+    uri, _ = champion_of_tiny_run("served", root, synthetic_store)
     port = free_port()
     with open(root / "server.log", "wb") as log:
         # Its own session: the server and its uvicorn child are stopped as one group.

@@ -250,7 +250,7 @@ class Replica:
         if prepared is None:  # posted under another version: prepare again from its images
             support = loaded.model.support_set(entry.images, entry.labels)
             prepared = await self.prepare(loaded, support.x, support.y)
-            entry.prepared[loaded.version] = prepared
+            self.near.add_prepared(key, loaded.version, prepared)
             await self.store.add_prepared.remote(key, loaded.version, prepared)
         queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
         z = await self.features((loaded, queries))

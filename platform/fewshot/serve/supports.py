@@ -49,26 +49,34 @@ class Entry:
 
 
 class SupportCache:
-    """Entries by support id, bounded in bytes (LRU) and in idle time (TTL)."""
+    """Entries by support id, bounded in bytes (LRU) and in idle time (TTL).
+
+    `entries` is ordered by last use, oldest first, so both bounds only ever remove from
+    its front; `total` is the entries' bytes, kept as they change."""
 
     def __init__(
         self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.max_bytes, self.ttl_s, self.clock = max_bytes, ttl_s, clock
         self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.total = 0
 
     def put(self, key: str, entry: Entry) -> None:
         """Store (or replace) `entry`, then evict least recently used ones past the bound."""
+        if key in self.entries:
+            self.total -= self.entries.pop(key).size()
         entry.used = self.clock()
         self.entries[key] = entry
-        self.entries.move_to_end(key)
+        self.total += entry.size()
         self._evict()
 
     def add_prepared(self, key: str, version: str, prepared: dict[str, torch.Tensor]) -> None:
         """Another version's preparation of an entry that is still here."""
         entry = self.entries.get(key)
         if entry is not None:
+            self.total -= entry.size()
             entry.prepared[version] = prepared
+            self.total += entry.size()
             self._evict()
 
     def get(self, key: str) -> Entry | None:
@@ -81,14 +89,17 @@ class SupportCache:
         return entry
 
     def bytes(self) -> int:
-        return sum(e.size() for e in self.entries.values())
+        return self.total
 
     def _expire(self) -> None:
         now = self.clock()
-        for key in [k for k, e in self.entries.items() if now - e.used > self.ttl_s]:
-            del self.entries[key]
+        while self.entries and now - next(iter(self.entries.values())).used > self.ttl_s:
+            self._drop_oldest()
 
     def _evict(self) -> None:
         self._expire()
-        while self.entries and self.bytes() > self.max_bytes:
-            self.entries.popitem(last=False)
+        while self.entries and self.total > self.max_bytes:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        self.total -= self.entries.popitem(last=False)[1].size()
