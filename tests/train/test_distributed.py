@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,10 +94,24 @@ def train_worker_pids() -> list[int]:
 
 
 def first_checkpoint(storage: Path, timeout: float = 240) -> None:
+    """Wait until Ray Train has registered a checkpoint, not merely begun writing one.
+
+    A `checkpoint_*` folder appears before the controller records it in its snapshot;
+    a run stopped in between starts again from step 0 (Ray restores only from the snapshot).
+    """
+    snapshot = storage / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
-    while not list(storage.glob("checkpoint_*")):
-        assert time.time() < deadline, "no checkpoint appeared"
+    while not registered_checkpoint(snapshot):
+        assert time.time() < deadline, "no checkpoint was registered"
         time.sleep(0.05)
+
+
+def registered_checkpoint(snapshot: Path) -> bool:
+    try:
+        state = json.loads(snapshot.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
+        return False
+    return state.get("latest_checkpoint_result") is not None
 
 
 def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
