@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "omniglot"
 SMALL1 = SHARED / "images_background_small1.zip"
 SMALL2 = SHARED / "images_background_small2.zip"
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 def pytest_configure(config):
@@ -103,45 +101,42 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def local_cluster(nodes: list, head_cpus: float, **env: str):
+    """A LocalCluster joined by this process as its driver, with $RAY_ADDRESS pointing at
+    it for the CLIs that tests start; stops exactly the processes it started."""
+    from fewshot.ray_cluster import LocalCluster
+
+    fast = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **env}
+    # Job entrypoints run `python` from the nodes' PATH: this environment's.
+    path = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cluster = LocalCluster(nodes, head_cpus=head_cpus, env={**fast, **path}).start()
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", *fast)}
+    os.environ.update(RAY_ADDRESS=cluster.address, **fast)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real local head with its Jobs server, bound to 127.0.0.1, stopped afterwards."""
-    import ray
+def cluster():
+    """Three real Ray nodes on 127.0.0.1: a head that runs no training (0 CPUs; it holds
+    the driver, the Jobs server and Train's controller) and two worker nodes `node_a`
+    and `node_b` of 1 CPU and a 200 MiB object store each."""
+    from fewshot.ray_cluster import NodeSpec
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    port, dashboard = free_port(), free_port()
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    address = f"127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    os.environ.update(RAY_ADDRESS=address, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    ray.init(address=address)
-    try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
-    finally:
-        ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    # A killed node is declared dead after 3 missed health checks 1 s apart (Ray's
+    # default is 5 missed, 3 s apart), and Train gives up starting a worker group that
+    # cannot be placed after 20 s instead of 60.
+    quick = {
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "2000",
+        "RAY_health_check_failure_threshold": "3",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
+    }
+    nodes = [NodeSpec("node_a"), NodeSpec("node_b")]
+    with local_cluster(nodes, head_cpus=0, **quick) as cluster:
+        yield cluster
