@@ -239,17 +239,41 @@ with warnings.catch_warnings():
 
 
 class DistributedConfig(Section):
-    """Ray Train. `workers: 0` trains in this process without Ray."""
+    """Ray Train. `workers: 0` trains in this process without Ray; `workers: [min, max]`
+    is elastic: Ray Train starts as many as the cluster holds, at least `min`, and after
+    a node is lost (with `max_failures` left) goes on from the last checkpoint with the
+    workers that remain. The optimiser steps do not change with the worker count."""
 
-    workers: int = Field(0, ge=0)
+    workers: int | tuple[int, int] = 0
+    # How Ray places the workers: `pack` fills a node first (less traffic), `spread`
+    # puts them on different nodes (a lost node takes fewer workers with it).
+    placement: Literal["pack", "spread"] = "pack"
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)  # used when use_gpu
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
+    keep_checkpoints: int = Field(2, ge=1)  # the latest N that Ray keeps in storage_path
     # Where Ray keeps checkpoints: None is train.output_dir/ray on this node; a
     # multi-node cluster needs storage every node sees (s3://, gs://, a shared mount).
     storage_path: str | None = None
     address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
+
+    @field_validator("workers")
+    @classmethod
+    def _count_or_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, int) and value < 0:
+            raise PydanticCustomError("workers", "must be >= 0 (0 trains without Ray)")
+        if isinstance(value, tuple) and not 1 <= value[0] <= value[1]:
+            raise PydanticCustomError("workers", "[min, max] needs 1 <= min <= max, e.g. [1, 4]")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
 
 
 class Config(Section):
@@ -341,11 +365,11 @@ def validate(raw: dict[str, Any]) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         _raise(exc)
-    if config.distributed.workers > config.episode.meta_batch:
+    if config.distributed.max_workers > config.episode.meta_batch:
         raise ConfigError(
             f"episode.meta_batch: {config.episode.meta_batch} tasks cannot be shared by "
-            f"distributed.workers = {config.distributed.workers}; raise meta_batch to at least "
-            "the number of workers"
+            f"distributed.workers = {config.distributed.max_workers}; raise meta_batch to at "
+            "least the (largest) number of workers"
         )
     _check_gpu(config)
     if config.train.schedule == "multistep" and not config.train.milestones:

@@ -79,7 +79,7 @@ class MTL(FewShotMethod):
     @classmethod
     def check(cls, config, params: MTLParams) -> None:
         hard = params.hard_tasks
-        workers = config.distributed.workers
+        workers = config.distributed.max_workers
         if 0 < hard < workers:
             raise ConfigError(
                 f"method.hard_tasks: {hard} hard tasks cannot be shared by "

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +66,7 @@ def worker_loop(loop_config: dict) -> None:
             state = model_file.load_ray_checkpoint(directory)
         worker.load_state_dict(state.worker)
     tracker = Tracker(config, enabled=comm.rank == 0, run_id=loop_config["run_id"])
+    placement = log_placement(tracker, comm, worker.step)
     if checkpoint:
         tracker.metrics({"resumed_from_step": worker.step}, worker.step)
     else:  # what the built method and optimiser really hold (checked by the tune tests)
@@ -77,6 +82,7 @@ def worker_loop(loop_config: dict) -> None:
         # schedulers measure a trial's progress in it.
         report = {**metrics, "step": w.step, "round": eval_rounds(config, w.step)}
         report["pid"] = os.getpid()
+        report["placement"] = placement  # node id of each rank, as the run reports
         if comm.rank != 0:
             ray.train.report(report)
             return
@@ -88,23 +94,110 @@ def worker_loop(loop_config: dict) -> None:
     fit(worker, logger.log, on_round)
 
 
+def log_placement(tracker: Tracker, comm: TorchDistributedComm, step: int) -> list[str]:
+    """Which node each rank runs on, gathered once per (re)start of the worker group:
+    printed, and logged by rank 0 as placement/step_N.json (an elastic run that lost a
+    node logs a second placement, from the step it resumed at)."""
+    import ray
+
+    nodes: list[str | None] = [None] * comm.world_size
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if comm.rank != 0:
+        return nodes
+    for rank, node in enumerate(nodes):
+        print(f"placement: rank {rank} of {comm.world_size} on node {node[:12]} (step {step})")
+    ranks = {str(rank): node for rank, node in enumerate(nodes)}
+    tracker.text(json.dumps({"step": step, "ranks": ranks}, indent=2), PLACEMENT.format(step))
+    return nodes
+
+
+PLACEMENT = "placement/step_{}.json"
+
+
 def check_resources(config: Config) -> None:
-    """Refuse a request the cluster cannot meet, instead of waiting for it forever."""
+    """Refuse a request the cluster cannot meet, instead of waiting for it forever (an
+    elastic run needs room for its minimum)."""
     import ray
 
     d = config.distributed
     available = ray.cluster_resources()
-    needs = {"CPU": d.workers * d.cpus_per_worker}
+    needs = {"CPU": d.min_workers * d.cpus_per_worker}
     if d.use_gpu:
-        needs["GPU"] = d.workers * d.gpus_per_worker
+        needs["GPU"] = d.min_workers * d.gpus_per_worker
     for resource, needed in needs.items():
         have = available.get(resource, 0)
         if needed > have:
             per = "cpus_per_worker" if resource == "CPU" else "gpus_per_worker"
             raise ConfigError(
-                f"distributed.workers: {d.workers} workers need {needed:g} {resource}s but the "
-                f"cluster has {have:g}; lower distributed.workers or distributed.{per}"
+                f"distributed.workers: {d.min_workers} workers need {needed:g} {resource}s but "
+                f"the cluster has {have:g}; lower distributed.workers or distributed.{per}"
             )
+
+
+def storage_path(config: Config) -> str:
+    return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
+
+
+def worker_nodes() -> list[dict]:
+    """The live nodes that can run a training worker (the head often runs none)."""
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def check_storage(config: Config) -> str:
+    """Where Ray keeps this run's checkpoints; refused at start when workers on other
+    nodes could not read it. A restarted worker group, on any node, resumes from there.
+
+    On one node any local path works. On several, an unset `storage_path` (this node's
+    train.output_dir/ray) is refused, and a local path is probed: this process writes a
+    marker there and a task on every worker node must read it back."""
+    d = config.distributed
+    storage = storage_path(config)
+    nodes = worker_nodes()
+    if len(nodes) < 2 or "://" in storage:
+        return storage
+    if d.storage_path is None:
+        raise ConfigError(
+            f"distributed.storage_path: unset on a cluster of {len(nodes)} worker nodes, so "
+            f"checkpoints would go to {storage} on each node's own disk; set it to s3://, "
+            "gs:// or a directory every node mounts"
+        )
+    blind = nodes_that_cannot_read(Path(storage), nodes)
+    if blind:
+        raise ConfigError(
+            f"distributed.storage_path: {storage} is not visible on node(s) "
+            f"{', '.join(n[:12] for n in blind)}; give a directory every node mounts, or "
+            "s3:// or gs://"
+        )
+    return storage
+
+
+def nodes_that_cannot_read(directory: Path, nodes: list[dict]) -> list[str]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f".fewshot-probe-{secrets.token_hex(8)}"
+    marker.write_text(marker.name)
+
+    @ray.remote(num_cpus=0)
+    def reads(path: str, expected: str) -> bool:
+        try:
+            return Path(path).read_text() == expected
+        except OSError:
+            return False
+
+    try:
+        probes = {
+            n["NodeID"]: reads.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker), marker.name)
+            for n in nodes
+        }
+        return [node for node, probe in probes.items() if not ray.get(probe, timeout=60)]
+    finally:
+        marker.unlink()
 
 
 def share_datasets(config: Config):
@@ -160,25 +253,28 @@ def backend(config: Config) -> str:
     return "nccl" if config.distributed.use_gpu else "gloo"
 
 
-def storage_path(config: Config) -> str:
-    return config.distributed.storage_path or str((config.train.output_dir / "ray").resolve())
-
-
 def fit_on_ray(
     config: Config, run_id: str | None, restart: bool = False, callbacks: list | None = None
 ) -> tuple[dict, dict]:
     """Run the worker loop on Ray Train; returns (model file, last round's metrics).
     `callbacks` go into the Train run's RunConfig (Tune's TuneReportCallback, for one)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = config.distributed
     connect(d.address)
     check_resources(config)
-    storage = storage_path(config)
+    storage = check_storage(config)
     if restart and "://" not in storage:
         remove_inside(Path(storage) / config.name, storage)
     data = share_datasets(config)
+    nodes = {n["NodeID"]: n for n in worker_nodes()}  # a dead node's resources are gone
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
@@ -189,19 +285,67 @@ def fit_on_ray(
         train_loop_config={"config": for_workers(config), "run_id": run_id, "data": data},
         torch_config=TorchConfig(backend=backend(config)),
         scaling_config=ScalingConfig(
-            num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources
+            num_workers=d.workers,
+            use_gpu=d.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=d.placement.upper(),
         ),
         run_config=RunConfig(
             name=config.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise FewShotError(f"training on Ray failed: {result.error}") from result.error
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise FewShotError(failure_line(config, error, nodes)) from error
+    finally:
+        # Ray Train leaves its Ctrl+C handler installed, and the handler holds the run's
+        # controller, whose config holds `data`: the data would stay in the object store
+        # (on every node) for as long as this process lives. (Ray installs it only from
+        # the main thread; a Tune trial runs in another.)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
     with result.checkpoint.as_directory() as directory:
         state = model_file.load_ray_checkpoint(directory)
     return state.model, dict(result.metrics)
+
+
+# Ray's own resources; any other key a node offers is a label its operator gave it.
+RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "accelerator_type:", "node:")
+
+
+def failure_line(
+    config: Config, error: Exception, nodes: dict[str, dict], wait_s: float = 10
+) -> str:
+    """One line for a failed run: when worker nodes it started on are gone, which ones
+    and what to set; else Ray's own error. Ray marks a lost node dead after its health
+    checks fail, a few seconds after the workers' error, hence the wait."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        lost = [node for node in nodes if node not in alive]
+        if lost or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not lost:
+        return f"training on Ray failed: {error}"
+    described = ", ".join(describe_node(nodes[node]) for node in lost)
+    return (
+        f"training on Ray failed: lost node {described} with distributed.max_failures = "
+        f"{config.distributed.max_failures}; run it again to continue from its last "
+        "checkpoint, or let it go on by itself on the nodes that remain: raise "
+        "distributed.max_failures and give distributed.workers as [min, max]"
+    )
+
+
+def describe_node(node: dict) -> str:
+    """The node's id and the labels its operator gave it: `0372d9e489ba (node_b)`."""
+    labels = [key for key in node["Resources"] if not key.startswith(RAY_RESOURCES)]
+    return node["NodeID"][:12] + (f" ({', '.join(labels)})" if labels else "")

@@ -139,9 +139,9 @@ def concurrency(spec: TuneSpec) -> int:
         return spec.search.max_concurrent_trials
     d = spec.base_config().distributed
     have = ray.cluster_resources()
-    fits = int(have.get("CPU", 0) // (d.workers * d.cpus_per_worker + spec.search.driver_cpus))
+    fits = int(have.get("CPU", 0) // (d.max_workers * d.cpus_per_worker + spec.search.driver_cpus))
     if d.use_gpu and d.gpus_per_worker:
-        fits = min(fits, int(have.get("GPU", 0) // (d.workers * d.gpus_per_worker)))
+        fits = min(fits, int(have.get("GPU", 0) // (d.max_workers * d.gpus_per_worker)))
     return max(1, fits)
 
 
