@@ -1,9 +1,13 @@
-"""Ray Train for real: a `ray start --head` on 127.0.0.1, workers killed by pid, jobs."""
+"""Ray Train for real on a 3-node cluster of `ray start` processes on 127.0.0.1 (the
+`cluster` fixture): placement, data once per node, workers and nodes killed by PID,
+elastic resume, storage every node sees, jobs submitted with Ray's own CLI."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -16,13 +20,15 @@ import psutil
 import pytest
 import torch
 
+from fewshot import model_file
 from fewshot.config import load_config
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, FewShotError
+from fewshot.ray_cluster import store_bytes
 from fewshot.streams import Stream
 from fewshot.train.datasets import Datasets
-from fewshot.train.distributed import check_resources, fit_on_ray
-from fewshot.train.loop import Worker
+from fewshot.train.distributed import check_resources, check_storage, fit_on_ray
+from fewshot.train.loop import Worker, fit
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +48,8 @@ def settings(store: Path, out: Path, *extra: str) -> list[str]:
         "train.val_episodes=8",
         "evaluate.episodes=40",
         f"train.output_dir={out}",
+        # On one machine every node sees tmp_path: the shared storage a cluster needs.
+        f"distributed.storage_path={out / 'ray'}",
         "distributed.workers=2",
         *extra,
     ]
@@ -52,8 +60,9 @@ def parameters(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("method", ["protonet", "maml"])
-def test_two_workers_take_exactly_the_steps_of_one(ray_head, synthetic_store, tmp_path, method):
-    """2 workers with B/2 tasks each == 1 worker with B tasks (SGD: same gradients)."""
+def test_two_workers_take_exactly_the_steps_of_one(cluster, synthetic_store, tmp_path, method):
+    """2 workers on 2 nodes with B/2 tasks each == 1 worker with B tasks (SGD: same
+    gradients), the gradients summed across nodes."""
     extra = ["method.name=maml", "method.inner_steps=1"] if method == "maml" else []
     # One thread everywhere: a different thread count changes float summation order.
     config = load_config(
@@ -65,11 +74,13 @@ def test_two_workers_take_exactly_the_steps_of_one(ray_head, synthetic_store, tm
             "train.eval_every=3",
             "tracking.enabled=false",
             "train.threads=1",
+            "distributed.placement=spread",
             f"name=eq-{method}",
             *extra,
         ),
     )
-    model, _ = fit_on_ray(config, run_id=None)
+    model, metrics = fit_on_ray(config, run_id=None)
+    assert sorted(metrics["placement"]) == sorted(node_ids(cluster))  # one rank per node
     single = Worker(config)  # the same loop, one process, all B tasks
     initial = parameters({k: v.clone() for k, v in single.method.state_dict().items()})
     for _ in range(3):
@@ -83,6 +94,10 @@ def test_two_workers_take_exactly_the_steps_of_one(ray_head, synthetic_store, tm
         # Equal up to the order of one float sum (gloo's over two ranks).
         difference = (got[name] - expected[name]).abs().max().item()
         assert difference <= 1e-5 * moved, (name, difference, moved)
+
+
+def node_ids(cluster) -> list[str]:
+    return [cluster.node_id(node.name) for node in cluster.nodes]
 
 
 def train_worker_pids() -> list[int]:
@@ -115,7 +130,7 @@ def registered_checkpoint(snapshot: Path) -> bool:
 
 
 def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
-    ray_head, synthetic_store, tmp_path
+    cluster, synthetic_store, tmp_path
 ):
     common = settings(
         synthetic_store, tmp_path, "train.steps=60", "train.eval_every=15", "tracking.enabled=false"
@@ -153,7 +168,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def test_stopped_run_continues_when_started_again(ray_head, synthetic_store, tmp_path):
+def test_stopped_run_continues_when_started_again(cluster, synthetic_store, tmp_path):
     args = ["train"] + [
         a
         for s in settings(
@@ -178,7 +193,7 @@ def test_stopped_run_continues_when_started_again(ray_head, synthetic_store, tmp
     assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # one MLflow run
 
 
-def test_more_workers_than_the_cluster_has_fail_fast(ray_head, synthetic_store, tmp_path):
+def test_more_workers_than_the_cluster_has_fail_fast(cluster, synthetic_store, tmp_path):
     config = load_config(
         None, settings(synthetic_store, tmp_path, "distributed.workers=16", "episode.meta_batch=16")
     )
@@ -191,7 +206,7 @@ def test_more_workers_than_the_cluster_has_fail_fast(ray_head, synthetic_store, 
     assert time.time() - started < 30
 
 
-def test_submitted_job_trains_and_logs_its_model(ray_head, synthetic_store, tmp_path):
+def test_submitted_job_trains_and_logs_its_model(cluster, synthetic_store, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("name: job\ntrain: {steps: 4, eval_every: 2}\n")
     db = tmp_path / "mlflow.db"
@@ -200,7 +215,7 @@ def test_submitted_job_trains_and_logs_its_model(ray_head, synthetic_store, tmp_
         "submit",
         str(config),
         "--address",
-        ray_head["dashboard"],
+        cluster.dashboard,
         "--follow",
         "--tracking-uri",
         f"sqlite:///{db}",
@@ -235,7 +250,7 @@ def mapping_of(address: int) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("mode", ["memory", "episode"])
-def test_workers_of_a_node_map_one_shared_copy_of_the_data(ray_head, tiny_config, mode):
+def test_workers_of_a_node_map_one_shared_copy_of_the_data(cluster, tiny_config, mode):
     """Two workers at once see the driver's one copy: the same shared object store file."""
     import ray
 
@@ -244,7 +259,7 @@ def test_workers_of_a_node_map_one_shared_copy_of_the_data(ray_head, tiny_config
     config = tiny_config(f"data.decode={mode}")
     loop_config = {"data": share_datasets(config)}  # nested, as in train_loop_config
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=0.5, resources={"node_a": 0.5})  # both on one node
     def hold(loop_config: dict) -> tuple:
         data = shared_datasets(loop_config)
         images = data.train.images
@@ -260,3 +275,213 @@ def test_workers_of_a_node_map_one_shared_copy_of_the_data(ray_head, tiny_config
         assert perms.endswith("s")  # a MAP_SHARED mapping, not a private copy
         assert "plasma" in file and file == held[0][0][1]  # the same object store file
         assert torch.equal(query_x, expected)
+
+
+def kill_after_first_checkpoint(cluster, storage: Path, node: str, log: dict) -> threading.Thread:
+    """Take node `node` down as soon as the run has registered a checkpoint."""
+
+    def kill() -> None:
+        first_checkpoint(storage)
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        log["killed_after_step"] = snapshot["latest_checkpoint_result"]["metrics"]["step"]
+        log["node"] = cluster.node_id(node)
+        log["killed_at_s"] = time.monotonic()
+        cluster.kill(node)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def revive(cluster):
+    """Bring back, after the test, any worker node the test killed."""
+    yield
+    for node in cluster.nodes:
+        if node.name not in cluster.running():
+            cluster.start_node(node.name)
+
+
+@pytest.mark.timeout(600)
+def test_elastic_run_loses_a_node_and_finishes_on_the_rest(
+    cluster, revive, synthetic_store, tmp_path
+):
+    """workers [1, 2] spread over 2 nodes; node_b is killed after the first checkpoint.
+    The run goes on with 1 worker from that checkpoint and takes every step; its weights
+    equal a 1-worker run from the same checkpoint to the end (here, in this process)."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+    config = load_config(
+        None,
+        settings(
+            synthetic_store,
+            tmp_path,
+            "train.steps=60",
+            "train.eval_every=15",
+            "train.threads=1",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "name=elastic",
+            "distributed.workers=[1, 2]",
+            "distributed.placement=spread",
+            "distributed.max_failures=1",
+            "distributed.keep_checkpoints=10",
+        ),
+    )
+    timeline: dict = {}
+    killer = kill_after_first_checkpoint(cluster, tmp_path / "ray" / "elastic", "node_b", timeline)
+    started = time.monotonic()
+    model, metrics = fit_on_ray(config, run_id)
+    killer.join()
+    assert metrics["step"] == 60  # every step, with fewer workers
+    assert metrics["placement"] == [cluster.node_id("node_a")]
+    client = mlflow.MlflowClient()
+    (resumed,) = client.get_metric_history(run_id, "resumed_from_step")
+    assert resumed.value >= timeline["killed_after_step"] >= 15
+    placements = [a.path for a in client.list_artifacts(run_id, "placement")]
+    assert placements == ["placement/step_0.json", f"placement/step_{int(resumed.value)}.json"]
+    print(  # the elastic timeline, for the record (pytest -s)
+        f"killed node_b after step {timeline['killed_after_step']} at "
+        f"{timeline['killed_at_s'] - started:.1f} s; resumed at step {resumed.value:.0f}; "
+        f"finished step 60 at {time.monotonic() - started:.1f} s"
+    )
+
+    worker = Worker(config)  # 1 worker, from the checkpoint the run resumed from
+    worker.load_state_dict(checkpoint_at(tmp_path / "ray" / "elastic", resumed.value))
+    fit(worker, lambda *_: None, lambda *_: None)
+    expected = parameters(worker.method.state_dict())
+    for name, value in parameters(model["state_dict"]).items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+
+
+def checkpoint_at(storage: Path, step: float) -> dict:
+    for directory in sorted(storage.glob("checkpoint_*")):
+        state = model_file.load_ray_checkpoint(directory).worker
+        if state["step"] == step:
+            return state
+    raise AssertionError(f"no checkpoint of step {step} in {storage}")
+
+
+@pytest.mark.timeout(300)
+def test_a_lost_node_without_retries_ends_the_run_with_one_line(
+    cluster, revive, synthetic_store, tmp_path
+):
+    config = load_config(
+        None,
+        settings(
+            synthetic_store,
+            tmp_path,
+            "train.steps=600",
+            "train.eval_every=15",
+            "tracking.enabled=false",
+            "name=lost",
+            "distributed.workers=[1, 2]",
+            "distributed.placement=spread",
+        ),
+    )
+    timeline: dict = {}
+    killer = kill_after_first_checkpoint(cluster, tmp_path / "ray" / "lost", "node_b", timeline)
+    with pytest.raises(FewShotError) as failed:
+        fit_on_ray(config, None)
+    killer.join()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert f"lost node {timeline['node'][:12]} (node_b)" in message
+    assert "distributed.max_failures = 0" in message
+
+
+def test_local_storage_on_several_nodes_is_refused(cluster, synthetic_store, tmp_path):
+    overrides = [s for s in settings(synthetic_store, tmp_path) if "storage_path" not in s]
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match="storage_path: unset on a cluster of 2 worker nodes"):
+        check_storage(config)
+    shared = load_config(None, settings(synthetic_store, tmp_path))
+    assert check_storage(shared) == str(tmp_path / "ray")  # every node read the probe
+    assert not list((tmp_path / "ray").glob(".fewshot-probe-*"))  # and it was removed
+
+
+def test_data_is_held_once_per_node_however_many_workers_run_there(cluster, tmp_path):
+    """A spread run (1 worker per node) and a packed one (2 workers on node_a): each
+    worker node's object store holds one copy of the training data while they train,
+    measured from its raylet's statistics."""
+    from fewshot.data.sources import synthetic
+
+    store = tmp_path / "store"  # big enough that the data, not Ray's bookkeeping, shows
+    synthetic.prepare(store, groups=(8, 2, 2), classes_per_group=10, images_per_class=40)
+    base = settings(store, tmp_path, "train.steps=30", "train.eval_every=15")
+    base += ["data.decode=memory", "tracking.enabled=false", "data.image_size=28"]
+    # What the driver puts in the object store: the arrays, pickled out of band.
+    one_copy = len(pickle.dumps(Datasets.load(load_config(None, base)).shared(), protocol=5))
+    assert one_copy > 2e6
+    runs = {  # the nodes whose workers hold the data in each run
+        "spread": (["distributed.placement=spread"], {"node_a", "node_b"}),
+        "pack": (["distributed.cpus_per_worker=0.5", "distributed.placement=pack"], None),
+    }
+    for name, (extra, used) in runs.items():
+        config = load_config(None, [*base, f"name={name}", *extra])
+        wait_until_stores_are_empty(cluster, below=one_copy * 0.1)  # the last run's copies
+        peaks = peak_store_bytes(cluster, lambda: fit_on_ray(config, None))  # noqa: B023
+        # Pack puts both workers on one node, whichever Ray chooses.
+        used = used or {max(peaks, key=peaks.get)}
+        for node, peak in peaks.items():
+            if node in used:
+                assert one_copy * 0.9 < peak < one_copy * 1.3, (name, node, peak, one_copy)
+            else:
+                assert peak < one_copy * 0.1, (name, node, peak)
+
+
+def wait_until_stores_are_empty(cluster, below: float, timeout: float = 60) -> None:
+    """Ray frees a node's copy a moment after the last reference to it goes."""
+    deadline = time.monotonic() + timeout
+    nodes = [cluster.node_id(node.name) for node in cluster.nodes]
+    while any(store_bytes(node) >= below for node in nodes):
+        assert time.monotonic() < deadline, [store_bytes(node) for node in nodes]
+        time.sleep(0.2)
+
+
+def peak_store_bytes(cluster, run) -> dict[str, int]:
+    """The most bytes each worker node's object store held while `run()` ran."""
+    ids = {node.name: cluster.node_id(node.name) for node in cluster.nodes}
+    peaks = dict.fromkeys(ids, 0)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for name, node in ids.items():
+                peaks[name] = max(peaks[name], store_bytes(node))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        run()
+    finally:
+        done.set()
+        poller.join()
+    return peaks
+
+
+def test_job_submitted_with_rays_own_cli_trains_on_both_nodes(cluster, synthetic_store, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/train.py ...`, as a Ray user would:
+    the job runs on the head, its 2 workers spread over the worker nodes."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    config = tmp_path / "job.yaml"
+    config.write_text("name: rayjob\ntrain: {steps: 4, eval_every: 2}\n")
+    db = tmp_path / "mlflow.db"
+    overrides = settings(synthetic_store, tmp_path, "distributed.placement=spread")
+    overrides.append(f"tracking.uri=sqlite:///{db}")
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit"]
+    command += ["--address", cluster.dashboard, "--working-dir", ".", "--"]
+    command += ["python", "jobs/train.py", "--config", str(config)]
+    command += [a for s in overrides for a in ("--set", s)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (job_id,) = set(re.findall(r"raysubmit_\w+", done.stdout + done.stderr))
+    assert JobSubmissionClient(cluster.dashboard).get_job_status(job_id) == JobStatus.SUCCEEDED
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+    placement = client.download_artifacts(run.info.run_id, "placement/step_0.json")
+    placement = json.loads(Path(placement).read_text())
+    assert sorted(placement["ranks"].values()) == sorted(node_ids(cluster))

@@ -40,7 +40,8 @@ def tune_file(tmp_path: Path, store: Path, name: str, space: dict, search: dict)
                 "output_dir": str(tmp_path / "runs"),
             },
             "evaluate": {"episodes": 20},
-            "distributed": {"workers": 1},
+            # On one machine every node sees workdir: the shared storage a cluster needs.
+            "distributed": {"workers": 1, "storage_path": str(tmp_path / "runs" / "ray")},
         },
         "space": space,
         "search": {"seed": 0, **search},
@@ -58,7 +59,7 @@ def nested_runs(parent_id: str) -> list:
     )
 
 
-def test_small_search_end_to_end(ray_head, synthetic_store, workdir):
+def test_small_search_end_to_end(cluster, synthetic_store, workdir):
     from fewshot.tune.search import run_search
 
     path = tune_file(
@@ -102,6 +103,12 @@ def test_small_search_end_to_end(ray_head, synthetic_store, workdir):
     client = mlflow.MlflowClient()
     runs = nested_runs(result.parent_run_id)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    # Trials of 1 worker each on two 1-CPU nodes: both nodes trained trials.
+    nodes = set()
+    for run in runs:
+        placement = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/placement/step_0.json")
+        nodes |= set(placement["ranks"].values())
+    assert nodes == {cluster.node_id(n.name) for n in cluster.nodes}
     # A trial ASHA stops may log a round more to MLflow while its Train run winds down;
     # the best is chosen on the rounds Tune received, so compare on those.
     seen = {row["run_id"]: row["rounds"] for row in result.rows}
@@ -164,7 +171,7 @@ def finished_trials(search_dir: Path) -> dict[str, tuple[float, int]]:
 
 
 def test_interrupted_search_resumes_without_redoing_finished_trials(
-    ray_head, synthetic_store, workdir
+    cluster, synthetic_store, workdir
 ):
     path = tune_file(
         workdir,
