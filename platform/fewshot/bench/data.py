@@ -16,6 +16,12 @@ holding nothing:
 For contrast, the same two actors then each load their own copy, as every worker
 did before the data was shared. Sampler speed is 5-way 1-shot 15-query episodes at
 84 px, built in one worker from the shared data.
+
+`--nodes N` measures the same across a real cluster of N worker nodes on this machine
+(`LocalCluster`: `ray start` processes, each node its own raylet and object store), the
+driver on a head that trains nothing. Per worker node, with 1 and then 2 holders there:
+the bytes in its object store (its raylet's statistics) and the PSS of its processes
+(its `ray start` tree: raylet, agents, workers), above the node's baseline.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import pyarrow.parquet as pq
 from fewshot.bench import machine, table
 from fewshot.config import Config, load_config
 from fewshot.data.sources import synthetic
+from fewshot.ray_cluster import LocalCluster, NodeSpec, store_bytes
 from fewshot.train.distributed import share_datasets
 
 SCRIPTS, CLASSES_PER_SCRIPT = 100, 10  # 1,000 training classes
+ACROSS_NODES = "## Across nodes"
 
 
 def used_bytes() -> int:
@@ -47,14 +55,17 @@ def used_bytes() -> int:
     return fields["MemTotal"] - fields["MemAvailable"]
 
 
-def pss_bytes() -> int:
-    """PSS summed over this process and its descendants (Ray's daemons, workers)."""
-    me = psutil.Process()
+def pss_bytes(pids: list[int] | None = None) -> int:
+    """PSS summed over `pids`, by default this process and its descendants (Ray's
+    daemons, workers)."""
+    if pids is None:
+        me = psutil.Process()
+        pids = [me.pid, *(p.pid for p in me.children(recursive=True))]
     total = 0
-    for process in [me, *me.children(recursive=True)]:
+    for pid in pids:
         # A worker may exit between the listing and the read.
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += process.memory_full_info().pss
+            total += psutil.Process(pid).memory_full_info().pss
     return total
 
 
@@ -145,15 +156,7 @@ def mb(value: float) -> str:
 def run(workdir: Path, out: Path, images_per_class: int = 100, seconds: float = 10.0) -> None:
     import ray
 
-    store = workdir / f"synthetic-rgb84-{images_per_class}"
-    synthetic.prepare(
-        store,
-        groups=(SCRIPTS, 1, 1),
-        classes_per_group=CLASSES_PER_SCRIPT,
-        images_per_class=images_per_class,
-        canvas=84,
-        rgb=True,
-    )
+    store = prepare_store(workdir, images_per_class)
     images = SCRIPTS * CLASSES_PER_SCRIPT * images_per_class
     decoded = images * 3 * 84 * 84
     encoded = encoded_bytes(store)
@@ -191,6 +194,78 @@ def run(workdir: Path, out: Path, images_per_class: int = 100, seconds: float = 
     finally:
         ray.shutdown()
     write(out, images, decoded, encoded, memory_rows, speed_rows, seconds)
+
+
+def prepare_store(workdir: Path, images_per_class: int) -> Path:
+    store = workdir / f"synthetic-rgb84-{images_per_class}"
+    synthetic.prepare(
+        store,
+        groups=(SCRIPTS, 1, 1),
+        classes_per_group=CLASSES_PER_SCRIPT,
+        images_per_class=images_per_class,
+        canvas=84,
+        rgb=True,
+    )
+    return store
+
+
+def run_nodes(workdir: Path, out: Path, nodes: int, images_per_class: int) -> None:
+    """The per-node table across `nodes` worker nodes: section `## Across nodes` of `out`."""
+    import ray
+
+    store = prepare_store(workdir, images_per_class)
+    decoded = SCRIPTS * CLASSES_PER_SCRIPT * images_per_class * 3 * 84 * 84
+    names = [f"node_{chr(ord('a') + i)}" for i in range(nodes)]
+    object_store_mb = int(2 * decoded / 2**20) + 100  # the copy fits, with room to spare
+    specs = [NodeSpec(name, cpus=1, object_store_mb=object_store_mb) for name in names]
+    cluster = LocalCluster(specs, head_object_store_mb=object_store_mb).start()
+    try:
+        holders = {
+            name: [
+                holder_class().options(num_cpus=0.5, resources={name: 0.5}).remote()
+                for _ in range(2)
+            ]
+            for name in names
+        }
+        ray.get([h.ready.remote() for pair in holders.values() for h in pair])
+        time.sleep(2)
+        base = {name: pss_bytes(cluster.pids(name)) for name in names}
+        loop_config = {"data": share_datasets(bench_config(store, "memory"))}
+        rows = []
+        for count in (1, 2):
+            ray.get([holders[name][count - 1].hold_shared.remote(loop_config) for name in names])
+            for name in names:
+                stored = store_bytes(cluster.node_id(name))
+                pss = pss_bytes(cluster.pids(name)) - base[name]
+                rows.append([name, count, mb(stored), mb(pss), f"{pss / decoded:.2f}"])
+    finally:
+        cluster.stop()
+    section = [
+        ACROSS_NODES,
+        "",
+        f"A cluster of {nodes} worker nodes started on this machine (`LocalCluster`: `ray "
+        "start` per node, each with its own raylet and object store, 1 CPU each; the "
+        "driver on a head that trains nothing), the data decoded "
+        f"(data.decode=memory), one copy {mb(decoded)} MB ({images_per_class} images per "
+        "class). The driver puts the data once, in the head's store; each holder (a Ray "
+        "actor that gets the data as a training worker does and reads every byte) is "
+        "pinned to its node by the node's custom resource. Per worker node: *object "
+        "store MB* from its raylet's own statistics; *PSS MB* summed over the node's "
+        "processes (its `ray start` tree: raylet, agents, workers) above the node's "
+        f"baseline with its idle holders started. Machine: {machine()}. Goal: under 1.3x "
+        "one copy per node with 2 workers there.",
+        "",
+        *table(["node", "workers there", "object store MB", "PSS MB", "x one copy"], rows),
+        "",
+        "Each node pulls one copy from the head the first time one of its workers asks; "
+        "the second worker of a node maps that copy, so neither the object store nor the "
+        "node's memory grows by a copy.",
+        "",
+    ]
+    text = out.read_text() if out.is_file() else "# Data shared per node\n"
+    text = text.split(ACROSS_NODES)[0].rstrip("\n") + "\n\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n".join(section))
 
 
 def encoded_bytes(store: Path) -> int:
@@ -244,5 +319,7 @@ def write(out: Path, images: int, decoded: int, encoded: int, memory_rows, speed
         *table(["mode", "episodes/s"], speed_rows),
         "",
     ]
+    if out.is_file() and ACROSS_NODES in out.read_text():  # `--nodes`' section stays
+        lines.append(ACROSS_NODES + out.read_text().split(ACROSS_NODES, 1)[1])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

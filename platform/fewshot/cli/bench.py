@@ -42,12 +42,23 @@ def bench_data(
         int, typer.Option(min=20, help="Images per class of the 1,000 training classes.")
     ] = 100,
     seconds: Annotated[float, typer.Option(min=1, help="Seconds of sampling per mode.")] = 10,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Instead: start this many Ray worker nodes here and measure each node's "
+            "object store and memory with 1 and 2 workers (the `Across nodes` section).",
+        ),
+    ] = 0,
 ) -> None:
     """Node memory with 1 and 2 workers sharing the data, and sampler episodes/s, with
-    images decoded up front and decoded per episode."""
+    images decoded up front and decoded per episode; or, with --nodes, per node."""
     from fewshot.bench import data
 
-    data.run(workdir, out, images_per_class, seconds)
+    if nodes:
+        data.run_nodes(workdir, out, nodes, images_per_class)
+    else:
+        data.run(workdir, out, images_per_class, seconds)
     console.print(out.read_text())
 
 
