@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from fewshot.bench import omniglot
+from fewshot.config import load_config, validate
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.reader import load_split
 from fewshot.data.selection import leave_groups_out
@@ -132,3 +135,16 @@ def test_a_folds_bench_refuses_an_ensemble_row(workdir, folds_file):
     folds_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="'pair' has `ensemble`"):
         omniglot.run(folds_file, workdir / "o.md")
+
+
+def test_the_folds_bench_measures_the_headline_recipe():
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    spec = omniglot.read_spec(configs / "bench_omniglot_folds.yaml")
+    bench, recipe = validate(spec["base"]), load_config(configs / "omniglot.yaml")
+    assert spec["folds"] == 4 and bench.data.val_split is None  # nothing held-out is seen
+    for section in ("episode", "backbone", "method", "augment"):
+        assert getattr(bench, section) == getattr(recipe, section), section
+    assert bench.data.train_split == recipe.data.train_split == ["small1", "small2"]
+    assert (bench.data.image_size, bench.data.within_group) == (28, True)
+    assert bench.evaluate == recipe.evaluate.model_copy(update={"episodes": 200})
+    assert not bench.evaluate.transductive
