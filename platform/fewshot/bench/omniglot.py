@@ -128,6 +128,12 @@ def validation_curve(run_id: str | None, uri: str | None) -> list[tuple[float, f
     return [((m.timestamp - start) / 60000, 100 * (1 - m.value)) for m in history]
 
 
+def at_test_time(row: dict, config: Config, method) -> tuple[Config, Any]:
+    """The row's `test_set` settings applied to a trained model (no training)."""
+    overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
+    return with_settings(config, method, overrides)
+
+
 def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
     if "ensemble" in row:
         members = [models.get(configured(base, bench, s or {})) for s in row["ensemble"]]
@@ -147,11 +153,16 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
         configured(base, bench, row.get("set") or {})
     )
     if row.get("test_set"):
-        overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
-        tested, rebuilt = with_settings(config, method, overrides)
+        tested, rebuilt = at_test_time(row, config, method)
         accuracy = evaluate_method(rebuilt, tested)
     curve = validation_curve(run_id, config.tracking.uri) if row.get("curve") else []
     return summary(row, config, accuracy, minutes, curve)
+
+
+def test_ways(config: Config, characters: int) -> int:
+    """Ways of a held-out alphabet's test episodes: evaluate.n_way, or all its characters
+    where it has fewer (Tagalog: 17)."""
+    return min(config.eval_episode().n_way, characters)
 
 
 @functools.cache
@@ -173,7 +184,7 @@ def fold_accuracies(method, config: Config, images: ImageSet, fold: Fold) -> lis
     for alphabet in fold.held_out:
         labels = groups[alphabet]
         sampler = EpisodeSampler(
-            images.take_classes(labels), min(e.n_way, len(labels)), e.k_shot, e.q_query
+            images.take_classes(labels), test_ways(config, len(labels)), e.k_shot, e.q_query
         )
         key = alphabets.index(alphabet)
         episodes = (
@@ -197,16 +208,13 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
         trained = configured(base, bench, {**settings, "data.train_classes": names})
         config, method, _, fold_minutes, _ = models.get(trained)
         if row.get("test_set"):
-            overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
-            config, method = with_settings(config, method, overrides)
+            config, method = at_test_time(row, config, method)
         accuracies = fold_accuracies(method, config, images, fold)
         accuracy = mean_ci(accuracies)
         per_fold.append(
             {
                 "held_out": fold.held_out,
-                "ways": [
-                    min(config.eval_episode().n_way, len(images.groups()[a])) for a in fold.held_out
-                ],
+                "ways": [test_ways(config, len(images.groups()[a])) for a in fold.held_out],
                 "accuracy": [accuracy.mean, accuracy.ci95, accuracy.episodes],
                 "minutes": fold_minutes,
             }
