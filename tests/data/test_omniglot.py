@@ -1,4 +1,5 @@
 import hashlib
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -9,7 +10,7 @@ import pytest
 from fewshot.data.reader import load_split
 from fewshot.data.selection import leave_groups_out
 from fewshot.data.sources import omniglot
-from fewshot.data.store import MANIFEST, read_manifest
+from fewshot.data.store import MANIFEST, read_manifest, sha256_files
 from fewshot.errors import DataError
 
 
@@ -209,3 +210,16 @@ def test_a_character_that_copies_only_some_drawings_is_refused(tmp_path, omniglo
         omniglot.prepare([omniglot_zips[0], mixed], tmp_path / "o")
     assert "\n" not in str(err.value)
     _assert_nothing_left(tmp_path / "o")
+
+
+def test_a_store_of_the_same_zips_written_before_merging_is_rebuilt(tmp_path, omniglot_zips):
+    out = tmp_path / "omni"
+    omniglot.prepare(list(omniglot_zips), out)
+    # What a store written before merging says: the zips' checksum, no `merged`.
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["source_checksum"] = sha256_files(omniglot_zips)
+    del manifest["merged"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    rebuilt = omniglot.prepare(list(omniglot_zips), out)
+    assert rebuilt["merged"]["characters_dropped"] == 50
+    assert read_manifest(out)["splits"]["small2"]["classes"] == 106

@@ -131,8 +131,8 @@ def merge_duplicates(
             if not shared == len(hashes) == originals:
                 raise DataError(
                     f"{zips[split]}: {character} shares {shared} of its {len(hashes)} drawings "
-                    f"with {original[0]}/{original[1]}, not all; the zips overlap in part, "
-                    "prepare them into separate stores (--out)"
+                    f"with {original[0]}/{original[1]}, which has {originals}: not a copy; the "
+                    "zips overlap in part, prepare them into separate stores (--out)"
                 )
             dropped.append(
                 {
