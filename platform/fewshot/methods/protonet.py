@@ -10,7 +10,8 @@ At test time f may be averaged over `test_views` fixed shifts of each image
 Transductive inference (evaluate.transductive, off by default): one soft k-means step
 refines the prototypes with the episode's queries (Ren et al. 2018, "Meta-Learning for
 Semi-Supervised Few-Shot Classification"), each query weighted by the model's own
-posterior over the classes,
+posterior over the classes (its logits, temperature included, where Ren et al. soften
+the raw distances: a model trained at temperature 8 is calibrated at 8),
 
     w_jn = softmax_n(logits(q_j))
     c'_n = (sum_{i in S_n} f(x_i) + sum_j w_jn f(q_j)) / (|S_n| + sum_j w_jn),
