@@ -215,6 +215,11 @@ class EvaluateConfig(Section):
     q_query: int | None = Field(None, ge=1)
     within_group: bool | None = None
     seed: int = 0  # separate from the run's seed so every method sees the same episodes
+    # Transductive inference: classify an episode's queries together, each prototype
+    # refined with the queries it likely holds (ProtoNet, `predict_transductive`). Off by
+    # default and never a headline figure: people and the published anchors classify
+    # each test drawing on its own.
+    transductive: bool = False
 
 
 class TrackingConfig(Section):

@@ -52,12 +52,15 @@ def episode_accuracies(
     method: FewShotMethod,
     episodes: Iterable[Episode],
     runtime=None,
+    transductive: bool = False,
 ) -> list[float]:
     """Per-episode query accuracy; the method is put in eval mode and restored.
 
     runtime: a `fewshot.runtime.Runtime` (device, autocast dtype, memory format); CPU fp32
-    when None.
+    when None. transductive: the queries of an episode classified together
+    (`predict_transductive`, evaluate.transductive), else each on its own.
     """
+    predict = method.predict_transductive if transductive else method.predict
     device = runtime.device if runtime else torch.device("cpu")
     amp = runtime.amp if runtime else None
     memory_format = runtime.memory_format if runtime else torch.contiguous_format
@@ -71,7 +74,7 @@ def episode_accuracies(
         ):
             for episode in episodes:
                 episode = episode.to(device, memory_format)
-                logits = method.predict(episode.support_x, episode.support_y, episode.query_x)
+                logits = predict(episode.support_x, episode.support_y, episode.query_x)
                 accuracies.append((logits.argmax(1) == episode.query_y).float().mean().item())
     finally:
         method.train(was_training)
@@ -119,7 +122,7 @@ def evaluate_method(
     )
     count = episode_count(episodes, config.evaluate.episodes)
     fixed = sampler.fixed_episodes(count, config.evaluate.seed, Stream.TEST)
-    return mean_ci(episode_accuracies(method, fixed, runtime))
+    return mean_ci(episode_accuracies(method, fixed, runtime, config.evaluate.transductive))
 
 
 def evaluation_row(config: Config, accuracy: Accuracy) -> dict:
@@ -131,6 +134,7 @@ def evaluation_row(config: Config, accuracy: Accuracy) -> dict:
         "split": config.data.test_split,
         "task": f"{e.n_way}-way {e.k_shot}-shot",
         "within_group": config.eval_within_group(),
+        "transductive": config.evaluate.transductive,
         "episodes": accuracy.episodes,
         "accuracy": round(accuracy.mean, 4),
         "ci95": round(accuracy.ci95, 4),

@@ -1,9 +1,13 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from fewshot.bench import omniglot
+from fewshot.config import load_config, validate
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.reader import load_split
+from fewshot.data.selection import leave_groups_out
 from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble
@@ -68,3 +72,79 @@ def test_a_row_with_an_unknown_key_is_refused(workdir, bench_file):
     bench_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="typo"):
         omniglot.run(bench_file, workdir / "o.md")
+
+
+@pytest.fixture
+def folds_file(workdir, bench_file):
+    spec = yaml.safe_load(bench_file.read_text())
+    spec["base"]["data"].update(train_split="train", val_split=None)
+    spec["base"]["evaluate"].update(n_way=4, episodes=5)
+    spec["folds"] = 3
+    spec["rows"] = [
+        {"name": "recipe"},
+        {"name": "transductive", "test_set": {"evaluate.transductive": True}},
+    ]
+    bench_file.write_text(yaml.safe_dump(spec))
+    return bench_file
+
+
+def test_folds_train_one_model_per_fold_without_its_groups_and_pool_the_fixed_episodes(
+    workdir, folds_file, synthetic_store
+):
+    out = workdir / "folds.md"
+    recipe, transductive = omniglot.run(folds_file, out)
+    runs = sorted(p for p in (workdir / "runs").iterdir() if (p / "model.pt").is_file())
+    assert len(runs) == 3  # one per fold; the transductive row reuses them
+    images = load_split(synthetic_store, "train", 16)
+    group_of = dict(zip(images.class_names, images.class_groups, strict=True))
+    folds = leave_groups_out(images, 3)
+    pooled = []
+    for fold, row in zip(folds, recipe["folds"], strict=True):
+        assert row["held_out"] == fold.held_out and len(fold.held_out) == 2
+        run = next(
+            r
+            for r in runs
+            if {group_of[n] for n in from_run(r)[0].data.train_classes}.isdisjoint(fold.held_out)
+        )
+        config, method = from_run(run)
+        assert sorted(config.data.train_classes) == sorted(
+            images.class_names[c] for c in fold.train
+        )
+        accuracies = omniglot.fold_accuracies(method, config, images, fold)
+        assert len(accuracies) == 2 * 5 and row["accuracy"][0] == pytest.approx(
+            mean_ci(accuracies).mean
+        )
+        tested, _ = with_settings(config, method, ["evaluate.transductive=true"])
+        again = omniglot.fold_accuracies(method, tested, images, fold)
+        assert transductive["folds"][folds.index(fold)]["accuracy"][0] == pytest.approx(
+            mean_ci(again).mean
+        )
+        pooled += accuracies
+    assert recipe["accuracy"]["20w1s"].mean == pytest.approx(mean_ci(pooled).mean)
+    assert recipe["accuracy"]["20w1s"].episodes == 30 and transductive["transductive"]
+    # The fold mean is the mean of the folds' errors: the same episodes in each fold.
+    fold_means = [f["accuracy"][0] for f in recipe["folds"]]
+    assert recipe["accuracy"]["20w1s"].mean == pytest.approx(sum(fold_means) / 3)
+    text = out.read_text()
+    assert "**recipe: fold mean**" in text and "transductive (test-time only" in text
+
+
+def test_a_folds_bench_refuses_an_ensemble_row(workdir, folds_file):
+    spec = yaml.safe_load(folds_file.read_text())
+    spec["rows"].append({"name": "pair", "ensemble": [{}, {"seed": 1}]})
+    folds_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="'pair' has `ensemble`"):
+        omniglot.run(folds_file, workdir / "o.md")
+
+
+def test_the_folds_bench_measures_the_headline_recipe():
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    spec = omniglot.read_spec(configs / "bench_omniglot_folds.yaml")
+    bench, recipe = validate(spec["base"]), load_config(configs / "omniglot.yaml")
+    assert spec["folds"] == 4 and bench.data.val_split is None  # nothing held-out is seen
+    for section in ("episode", "backbone", "method", "augment"):
+        assert getattr(bench, section) == getattr(recipe, section), section
+    assert bench.data.train_split == recipe.data.train_split == ["small1", "small2"]
+    assert (bench.data.image_size, bench.data.within_group) == (28, True)
+    assert bench.evaluate == recipe.evaluate.model_copy(update={"episodes": 200})
+    assert not bench.evaluate.transductive

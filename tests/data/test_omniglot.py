@@ -1,12 +1,16 @@
+import hashlib
+import json
 import zipfile
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 import pytest
 
 from fewshot.data.reader import load_split
+from fewshot.data.selection import leave_groups_out
 from fewshot.data.sources import omniglot
-from fewshot.data.store import MANIFEST, read_manifest
+from fewshot.data.store import MANIFEST, read_manifest, sha256_files
 from fewshot.errors import DataError
 
 
@@ -46,7 +50,94 @@ def test_decoded_images_are_inverted_and_resized(omniglot_store):
     assert (images.images == 0).float().mean() > 0.5
     assert len(images.groups()) == 5
     both = load_split(omniglot_store, ["small1", "small2"], 28)
-    assert both.n_classes == 136 + 156 and int(both.labels.max()) == 291
+    # small2's 50 Greek and Latin characters copy small1's and are stored once.
+    assert both.n_classes == 136 + 156 - 50 and int(both.labels.max()) == 241
+    assert sorted(len(labels) for labels in both.groups().values()) == [
+        17,
+        22,
+        24,
+        24,
+        26,
+        40,
+        42,
+        47,
+    ]
+
+
+def stored_characters(store: Path) -> dict[str, list[str]]:
+    """ "split/character" -> the sha256 of each of its stored drawings, read from the
+    parquet files: what a character is by content, whatever its folder is called."""
+    drawings: dict[str, list[str]] = {}
+    for split in read_manifest(store)["splits"]:
+        table = pq.read_table(store / f"split={split}", columns=["class_name", "image"])
+        for name, image in zip(
+            table.column("class_name").to_pylist(), table.column("image").to_pylist(), strict=True
+        ):
+            drawings.setdefault(f"{split}/{name}", []).append(hashlib.sha256(image).hexdigest())
+    return drawings
+
+
+def zip_characters(zip_path: Path) -> dict[str, list[str]]:
+    """ "alphabet/character" -> the sha256 of each of its drawings in the zip."""
+    drawings: dict[str, list[str]] = {}
+    with zipfile.ZipFile(zip_path) as archive:
+        for member in sorted(archive.namelist()):
+            if member.endswith(".png"):
+                name = "/".join(PurePosixPath(member).parts[-3:-1])
+                drawings.setdefault(name, []).append(
+                    hashlib.sha256(archive.read(member)).hexdigest()
+                )
+    return drawings
+
+
+def test_both_small_sets_hold_242_distinct_characters_of_8_alphabets(omniglot_store, omniglot_zips):
+    stored = stored_characters(omniglot_store)
+    every_drawing = [h for hashes in stored.values() for h in hashes]
+    assert len(every_drawing) == len(set(every_drawing)) == 242 * 20  # no drawing twice
+    by_content = {frozenset(hashes) for hashes in stored.values()}
+    assert len(stored) == len(by_content) == 242
+    # The two zips by content: their union is what the store holds, each character once.
+    small1, small2 = (zip_characters(z) for z in omniglot_zips)
+    in_zips = {frozenset(h) for h in small1.values()} | {frozenset(h) for h in small2.values()}
+    assert in_zips == by_content
+    shared = {frozenset(h) for h in small1.values()} & {frozenset(h) for h in small2.values()}
+    assert len(shared) == 50
+    alphabet_of = {frozenset(h): name.split("/")[1] for name, h in stored.items()}
+    assert len(set(alphabet_of.values())) == 8
+    per_alphabet = Counter(alphabet_of[c] for c in by_content)
+    assert per_alphabet["Greek"] == 24 and per_alphabet["Latin"] == 26
+    assert per_alphabet["Tagalog"] == 17
+    # The manifest names each dropped copy and the character it copies.
+    merged = read_manifest(omniglot_store)["merged"]
+    assert (merged["characters_dropped"], merged["images_dropped"]) == (50, 1000)
+    for entry in merged["dropped"]:
+        copy = small2[entry["character"]]
+        original = stored[f"{entry['duplicate_of']['split']}/{entry['duplicate_of']['character']}"]
+        assert entry["split"] == "small2" and sorted(copy) == sorted(original)
+    assert {frozenset(small2[e["character"]]) for e in merged["dropped"]} == shared
+
+
+def test_folds_hold_out_every_alphabet_once_and_never_train_on_a_test_character(
+    omniglot_store,
+):
+    images = load_split(omniglot_store, ["small1", "small2"], 28, decode="episode")
+    stored = stored_characters(omniglot_store)
+    character = {label: frozenset(stored[name]) for label, name in enumerate(images.class_names)}
+    alphabet = dict(enumerate(images.class_groups))
+    folds = leave_groups_out(images, 4)
+    held = [name for fold in folds for name in fold.held_out]
+    assert sorted(held) == sorted(set(alphabet.values())) and len(held) == 8  # once each
+    for fold in folds:
+        assert len(fold.held_out) == 2
+        assert sorted(fold.train + fold.test) == list(range(242))
+        assert {alphabet[c] for c in fold.test} == set(fold.held_out)
+        assert not {alphabet[c] for c in fold.train} & set(fold.held_out)
+        train_drawings = {h for c in fold.train for h in character[c]}
+        assert not {h for c in fold.test for h in character[c]} & train_drawings
+        assert not {character[c] for c in fold.test} & {character[c] for c in fold.train}
+    assert [len(f.test) for f in leave_groups_out(images, 8)] == [24, 22, 24, 47, 40, 26, 42, 17]
+    with pytest.raises(DataError, match="folds: 9"):
+        leave_groups_out(images, 9)
 
 
 def _assert_nothing_left(out: Path) -> None:
@@ -102,3 +193,33 @@ def test_a_different_source_is_not_overwritten_silently(tmp_path, omniglot_zips)
     assert list(read_manifest(out)["splits"]) == ["small1"]
     omniglot.prepare([omniglot_zips[1]], out, overwrite=True)
     assert list(read_manifest(out)["splits"]) == ["small2"]
+
+
+def test_a_character_that_copies_only_some_drawings_is_refused(tmp_path, omniglot_zips):
+    with zipfile.ZipFile(omniglot_zips[0]) as src:
+        greek = sorted(
+            n for n in src.namelist() if "/Greek/character01/" in n and n.endswith(".png")
+        )
+        other = next(n for n in src.namelist() if "/Greek/character02/" in n and n.endswith(".png"))
+        mixed = tmp_path / "images_background_mixed.zip"
+        with zipfile.ZipFile(mixed, "w") as dst:
+            for i, name in enumerate(greek):
+                source = other if i == 0 else name  # 19 of 20 drawings copied
+                dst.writestr(f"mixed/Greek/character01/{i:02d}.png", src.read(source))
+    with pytest.raises(DataError, match="shares 19 of its 20 drawings") as err:
+        omniglot.prepare([omniglot_zips[0], mixed], tmp_path / "o")
+    assert "\n" not in str(err.value)
+    _assert_nothing_left(tmp_path / "o")
+
+
+def test_a_store_of_the_same_zips_written_before_merging_is_rebuilt(tmp_path, omniglot_zips):
+    out = tmp_path / "omni"
+    omniglot.prepare(list(omniglot_zips), out)
+    # What a store written before merging says: the zips' checksum, no `merged`.
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["source_checksum"] = sha256_files(omniglot_zips)
+    del manifest["merged"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    rebuilt = omniglot.prepare(list(omniglot_zips), out)
+    assert rebuilt["merged"]["characters_dropped"] == 50
+    assert read_manifest(out)["splits"]["small2"]["classes"] == 106

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from fewshot.methods.protonet import prototypes
+from fewshot.config import EvaluateConfig, load_config
+from fewshot.errors import ConfigError
+from fewshot.methods.protonet import prototypes, refined_prototypes
 from fewshot.models.views import fixed_views
 
 
@@ -63,3 +67,38 @@ def test_test_views_average_embeddings_at_test_time_only(make):
             method.score(method.prepare(z[:3], support_y), z[3:]),
             atol=1e-5,
         )
+
+
+def test_refined_prototypes_are_the_soft_k_means_step_by_hand():
+    # Class 0 has supports at 0 and 2, class 1 one at 8 (1-d embeddings). Query a is 3/4
+    # class 0, query b an even split: weights softmax(log w) = w.
+    support_z = torch.tensor([[0.0], [2.0], [8.0]])
+    support_y = torch.tensor([0, 0, 1])
+    query_z = torch.tensor([[4.0], [6.0]])
+    logits = torch.tensor([[0.75, 0.25], [0.5, 0.5]]).log()
+    centres = refined_prototypes(support_z, support_y, query_z, logits)
+    class_0 = (0 + 2 + 0.75 * 4 + 0.5 * 6) / (2 + 0.75 + 0.5)  # 8 / 3.25
+    class_1 = (8 + 0.25 * 4 + 0.5 * 6) / (1 + 0.25 + 0.5)  # 12 / 1.75
+    torch.testing.assert_close(centres, torch.tensor([[class_0], [class_1]]))
+
+
+def test_transductive_prediction_scores_queries_against_the_refined_prototypes(make):
+    method = make(["method.temperature=8"])
+    support_x, query_x = torch.randn(6, 1, 16, 16), torch.randn(5, 1, 16, 16)
+    support_y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        logits = method.predict_transductive(support_x, support_y, query_x)
+        zs, zq = method.backbone(torch.cat([support_x, query_x])).split([6, 5])
+    inductive = -torch.cdist(zq, prototypes(zs, support_y, 3)).pow(2) / 8
+    centres = refined_prototypes(zs, support_y, zq, inductive)
+    expected = -torch.cdist(zq, centres).pow(2) / 8
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(logits, method.predict(support_x, support_y, query_x))
+
+
+def test_transductive_inference_is_off_unless_asked_and_refused_where_unsupported():
+    assert EvaluateConfig().transductive is False
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    assert load_config(configs / "omniglot.yaml").evaluate.transductive is False
+    with pytest.raises(ConfigError, match=r"^evaluate\.transductive: maml .*=false"):
+        load_config(None, ["method.name=maml", "evaluate.transductive=true"])

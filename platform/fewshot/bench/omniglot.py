@@ -2,7 +2,21 @@
 
 The task is the one of Lake et al. (2015): within-alphabet 20-way 1-shot, one query per
 class, on alphabets never seen in training. The small background sets are the only
-data: a row trains on one (`small1`) and tests on the other (`small2`), or the reverse.
+data, merged at prepare time into 8 distinct alphabets and 242 characters (small2 loses
+its copies of small1's Greek and Latin; data/sources/omniglot.py). Two protocols:
+
+- two-way (no `folds` key): a row trains on one small set and tests on the other's
+  alphabets with the config's own test episodes;
+- leave-alphabets-out (`folds: F`): a row trains F models, fold f on every alphabet but
+  those `leave_groups_out` (data/selection.py) holds out, and tests it within each
+  held-out alphabet: `evaluate.episodes` fixed episodes per alphabet, n_way = min(20,
+  its characters) (Tagalog: 17), one query per class. An episode is a pure function of
+  (evaluate.seed, the alphabet's place among the sorted alphabets, its index), so every
+  row is tested on the same episodes and rows are paired. The row's figure pools the
+  episodes of all folds: with the same count per alphabet and the same alphabets per
+  fold, that is the mean of the fold errors; its 95% CI is 1.96 * std / sqrt(episodes)
+  over the pooled episodes. It measures the noise of the episode draw, not how the
+  figure would move on other alphabets: the folds' spread in the table shows that.
 
 A bench file (jobs/configs/bench_omniglot.yaml) holds `base`, the recipe every row
 starts from, and `rows`, each a `name` and one of
@@ -12,12 +26,14 @@ starts from, and `rows`, each a `name` and one of
 - `ensemble:` a list of `set:` dicts, one per member, whose models' log-probabilities
   are averaged (members trained already by another row are reused).
 A row with `curve: true` contributes its validation error over training minutes to
-the plot. Results: a markdown table, its rows as JSON (for `--only`), and a PNG plot.
+the plot (two-way only). Results: a markdown table, its rows as JSON (for `--only`),
+and a PNG plot.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import sys
@@ -29,11 +45,13 @@ from fewshot.bench import machine, write_table
 from fewshot.bench.methods import read_results, write_results
 from fewshot.config import Config, as_dict, set_value, validate
 from fewshot.data.episodes import EpisodeSampler
-from fewshot.data.reader import load_split
+from fewshot.data.reader import ImageSet, load_split
+from fewshot.data.selection import Fold, leave_groups_out
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble
 from fewshot.model_file import from_run, with_settings
+from fewshot.runtime import Runtime
 from fewshot.streams import Stream
 from fewshot.tracking import tracking_uri
 from fewshot.train.runner import train
@@ -57,6 +75,15 @@ def read_spec(path: Path) -> dict[str, Any]:
             )
     if not spec.get("rows") or not spec.get("base"):
         raise ConfigError(f"{path}: a bench file has `base` and `rows`")
+    folds = spec.get("folds")
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool)):
+        raise ConfigError(f"{path}: folds: {folds!r} is not a number of folds; use e.g. 4")
+    for row in spec["rows"] if folds else []:
+        if "ensemble" in row or row.get("curve"):
+            raise ConfigError(
+                f"{path}: row {row['name']!r} has `ensemble` or `curve`, which the folds "
+                "protocol does not run; drop them or the `folds` key"
+            )
     return spec
 
 
@@ -101,6 +128,12 @@ def validation_curve(run_id: str | None, uri: str | None) -> list[tuple[float, f
     return [((m.timestamp - start) / 60000, 100 * (1 - m.value)) for m in history]
 
 
+def at_test_time(row: dict, config: Config, method) -> tuple[Config, Any]:
+    """The row's `test_set` settings applied to a trained model (no training)."""
+    overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
+    return with_settings(config, method, overrides)
+
+
 def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
     if "ensemble" in row:
         members = [models.get(configured(base, bench, s or {})) for s in row["ensemble"]]
@@ -120,11 +153,85 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
         configured(base, bench, row.get("set") or {})
     )
     if row.get("test_set"):
-        overrides = [f"{key}={value}" for key, value in row["test_set"].items()]
-        tested, rebuilt = with_settings(config, method, overrides)
+        tested, rebuilt = at_test_time(row, config, method)
         accuracy = evaluate_method(rebuilt, tested)
     curve = validation_curve(run_id, config.tracking.uri) if row.get("curve") else []
     return summary(row, config, accuracy, minutes, curve)
+
+
+def test_ways(config: Config, characters: int) -> int:
+    """Ways of a held-out alphabet's test episodes: evaluate.n_way, or all its characters
+    where it has fewer (Tagalog: 17)."""
+    return min(config.eval_episode().n_way, characters)
+
+
+@functools.cache
+def fold_images(path: Path, splits: tuple[str, ...], image_size: int) -> ImageSet:
+    """Every character the folds draw on (the train splits, merged), loaded once."""
+    return load_split(path, list(splits), image_size)
+
+
+def fold_accuracies(method, config: Config, images: ImageSet, fold: Fold) -> list[float]:
+    """Accuracy of each fixed test episode of `fold`: `evaluate.episodes` within each
+    held-out alphabet, min(n_way, its characters) ways, keyed by the alphabet's place
+    among all alphabets."""
+    runtime = Runtime.of(config.train)
+    method.to(runtime.device, memory_format=runtime.memory_format)
+    e = config.eval_episode()
+    groups = images.groups()
+    alphabets = sorted(groups)
+    accuracies: list[float] = []
+    for alphabet in fold.held_out:
+        labels = groups[alphabet]
+        sampler = EpisodeSampler(
+            images.take_classes(labels), test_ways(config, len(labels)), e.k_shot, e.q_query
+        )
+        key = alphabets.index(alphabet)
+        episodes = (
+            sampler.episode(Stream.TEST, config.evaluate.seed, key, i)
+            for i in range(config.evaluate.episodes)
+        )
+        accuracies += episode_accuracies(method, episodes, runtime, config.evaluate.transductive)
+    return accuracies
+
+
+def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> dict:
+    """A row under leave-alphabets-out cross-validation: one model per fold (shared with
+    the rows of the same training settings), tested on the fold's alphabets."""
+    settings = row.get("set") or {}
+    d = configured(base, bench, settings).data
+    images = fold_images(d.path, tuple(d.train_split), d.image_size)
+    pooled: list[float] = []
+    per_fold, minutes = [], 0.0
+    for fold in leave_groups_out(images, folds):
+        names = [images.class_names[c] for c in fold.train]
+        trained = configured(base, bench, {**settings, "data.train_classes": names})
+        config, method, _, fold_minutes, _ = models.get(trained)
+        if row.get("test_set"):
+            config, method = at_test_time(row, config, method)
+        accuracies = fold_accuracies(method, config, images, fold)
+        accuracy = mean_ci(accuracies)
+        per_fold.append(
+            {
+                "held_out": fold.held_out,
+                "ways": [test_ways(config, len(images.groups()[a])) for a in fold.held_out],
+                "accuracy": [accuracy.mean, accuracy.ci95, accuracy.episodes],
+                "minutes": fold_minutes,
+            }
+        )
+        pooled += accuracies
+        minutes += fold_minutes
+    return {
+        "name": row["name"],
+        "direction": f"{folds} folds",
+        "steps": config.train.steps,
+        "test_time_only": bool(row.get("test_set")),
+        "transductive": config.evaluate.transductive,
+        "minutes": minutes,
+        "accuracy": {"20w1s": mean_ci(pooled)},
+        "folds": per_fold,
+        "curve": [],
+    }
 
 
 def summary(row: dict, config: Config, accuracy: Accuracy, minutes: float, curve) -> dict:
@@ -145,15 +252,24 @@ def run(path: Path, out: Path, only: list[str] | None = None) -> list[dict]:
     if only and len(rows) != len(only):
         raise ConfigError(f"--only {only}: rows must be among {[r['name'] for r in spec['rows']]}")
     models = Models()
-    results = [run_row(row, spec["base"], bench, models) for row in rows]
+    folds = spec.get("folds")
+    results = [
+        run_folds(row, spec["base"], bench, models, folds)
+        if folds
+        else run_row(row, spec["base"], bench, models)
+        for row in rows
+    ]
     if only:
         order = [r["name"] for r in spec["rows"]]
         mine = {r["name"] for r in results}
         kept = [r for r in read_results(out) if r["name"] in order and r["name"] not in mine]
         results = sorted(kept + results, key=lambda r: order.index(r["name"]))
     write_results(out, results)
-    write(out, spec, results)
-    plot(out.with_suffix(".png"), results)
+    if folds:
+        write_folds(out, spec, results)
+    else:
+        write(out, spec, results)
+        plot(out.with_suffix(".png"), results)
     return results
 
 
@@ -181,6 +297,48 @@ def write(out: Path, spec: dict, results: list[dict]) -> None:
         "included; an ensemble adds its members'). "
         f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
         ["row", "train -> test", "error % ± CI", "accuracy %", "episodes", "run min"],
+        rows,
+    )
+
+
+def error(mean: float, ci95: float) -> str:
+    return f"{100 * (1 - mean):.2f} ± {100 * ci95:.2f}"
+
+
+def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
+    rows = []
+    for r in results:
+        label = r["name"] + (" (test-time only, the models above)" if r["test_time_only"] else "")
+        for f in r["folds"]:
+            mean, ci95, episodes = f["accuracy"]
+            held = ", ".join(
+                f"{a} ({w}-way)" for a, w in zip(f["held_out"], f["ways"], strict=True)
+            )
+            rows.append([label, held, error(mean, ci95), str(episodes), f"{f['minutes']:.1f}"])
+        a = r["accuracy"]["20w1s"]
+        rows.append(
+            [
+                f"**{label}: fold mean**",
+                f"all {sum(len(f['held_out']) for f in r['folds'])} alphabets, {r['steps']} steps",
+                f"**{error(a.mean, a.ci95)}**",
+                str(a.episodes),
+                f"{r['minutes']:.1f}",
+            ]
+        )
+    write_table(
+        out,
+        "Omniglot: leave-alphabets-out cross-validation on the small background sets",
+        f"Bench `{spec.get('name', 'omniglot')}`: generalisation figures. The two small "
+        "background sets, merged (8 distinct alphabets, 242 characters), split into "
+        f"{spec['folds']} folds; each fold's model trains on the other alphabets only and is "
+        "tested within each held-out alphabet: 20-way 1-shot (Tagalog, 17 characters: "
+        "17-way), one query per class, fixed episodes shared by every row (paired). Error "
+        "% ± 95% CI; the fold mean pools every fold's episodes (the same count per "
+        "alphabet, so it is the mean of the fold errors), its CI 1.96 * std / sqrt(episodes) "
+        "over them: the noise of the episode draw, not of which alphabets exist. Run min: "
+        "wall-clock minutes of each fold's training run (its own final test included). "
+        f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
+        ["row", "held-out alphabets", "error % ± CI", "episodes", "run min"],
         rows,
     )
 

@@ -110,7 +110,9 @@ def bench_omniglot(
     ),
     only: OnlyOpt = None,
 ) -> None:
-    """The Omniglot recipe: each lever on and off, and both cross-validation directions."""
+    """The Omniglot recipe: each lever on and off (bench_omniglot.yaml), or leave-alphabets-out
+    folds with a bench file's `folds:` (bench_omniglot_folds.yaml, with --out
+    benchmarks/results/omniglot_folds.md)."""
     from fewshot.bench import omniglot
 
     omniglot.run(config, out, only)

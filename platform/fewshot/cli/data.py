@@ -43,13 +43,21 @@ def prepare_omniglot(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Omniglot: one split per zip (small1, small2, background, evaluation); groups are
-    alphabets."""
+    alphabets; a character that copies one of an earlier zip is stored once."""
     from fewshot.data.sources import omniglot
 
     zips = list(from_zip or [])
     if download:
         zips += omniglot.download(out.parent / "omniglot-zips", ["background", "evaluation"])
-    print_prepared(omniglot.prepare(zips, out, partial=partial, overwrite=overwrite), out)
+    manifest = omniglot.prepare(zips, out, partial=partial, overwrite=overwrite)
+    print_prepared(manifest, out)
+    merged = manifest["merged"]
+    if merged["characters_dropped"]:
+        console.print(
+            f"merged: {merged['characters_dropped']} characters ({merged['images_dropped']} "
+            "drawings) copy those of an earlier zip and are stored once; manifest.json "
+            "`merged` names them"
+        )
 
 
 @prepare_app.command("folder")

@@ -79,6 +79,8 @@ class FewShotMethod(nn.Module):
     # where prediction adapts to the whole episode: MAML's inner loop on the supports
     # with batch statistics, MTL's classifier fine-tuned on them.
     splits_prediction: ClassVar[bool] = False
+    # True for methods with `predict_transductive` (evaluate.transductive).
+    transductive: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, params: MethodParams, shape: Shape) -> None:
         super().__init__()
@@ -109,6 +111,13 @@ class FewShotMethod(nn.Module):
         """support_x [N*K, C, H, W], support_y [N*K] in 0..N-1, query_x [M, C, H, W]
         -> logits [M, N]."""
         raise NotImplementedError
+
+    def predict_transductive(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """`predict` with the queries seen together (evaluate.transductive): the logits of
+        each query may depend on the others."""
+        raise NotImplementedError(f"{self.name} has no transductive inference")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> what `prepare` and `score` take of each image, [B, ...]:
@@ -170,6 +179,11 @@ class FewShotMethod(nn.Module):
                 f"evaluate.n_way: {cls.name}'s classifier has episode.n_way = "
                 f"{config.episode.n_way} outputs, got {eval_way}; train a separate "
                 f"model for {eval_way}-way"
+            )
+        if config.evaluate.transductive and not cls.transductive:
+            raise ConfigError(
+                f"evaluate.transductive: {cls.name} classifies each query on its own; "
+                "set evaluate.transductive=false (protonet supports it)"
             )
         if cls.pretrains and config.pretrain.steps == 0:
             raise ConfigError(

@@ -6,6 +6,18 @@ logits = -||f(q) - c_n||^2 / temperature   (euclidean, the paper's choice)
 
 At test time f may be averaged over `test_views` fixed shifts of each image
 (models/views.py): a cheap test-time augmentation that travels with the model.
+
+Transductive inference (evaluate.transductive, off by default): one soft k-means step
+refines the prototypes with the episode's queries (Ren et al. 2018, "Meta-Learning for
+Semi-Supervised Few-Shot Classification"), each query weighted by the model's own
+posterior over the classes (its logits, temperature included, where Ren et al. soften
+the raw distances: a model trained at temperature 8 is calibrated at 8),
+
+    w_jn = softmax_n(logits(q_j))
+    c'_n = (sum_{i in S_n} f(x_i) + sum_j w_jn f(q_j)) / (|S_n| + sum_j w_jn),
+
+and the queries are then scored against c'. A query's answer then depends on the
+other queries, which is why it is a separate, labelled figure.
 """
 
 from __future__ import annotations
@@ -42,11 +54,25 @@ def squared_distances(query_z: torch.Tensor, centres: torch.Tensor) -> torch.Ten
     ).clamp_min(0)
 
 
+def refined_prototypes(
+    support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
+    """One soft k-means step: support [N*K, D] with labels [N*K], queries [M, D] and their
+    logits [M, N] -> prototypes [N, D], each the mean of its supports and of the queries
+    weighted by softmax(logits)."""
+    n_way = logits.shape[1]
+    one_hot = F.one_hot(support_y, n_way).to(support_z.dtype)  # [N*K, N]
+    weights = logits.softmax(dim=1).to(support_z.dtype)  # [M, N]
+    total = one_hot.T @ support_z + weights.T @ query_z
+    return total / (one_hot.sum(0) + weights.sum(0)).unsqueeze(1)
+
+
 @register
 class ProtoNet(FewShotMethod):
     name = "protonet"
     Params = ProtoNetParams
     splits_prediction = True
+    transductive = True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> embeddings [B, D], averaged over the test views."""
@@ -75,6 +101,14 @@ class ProtoNet(FewShotMethod):
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
         return self.split_predict(support_x, support_y, query_x)
+
+    def predict_transductive(self, support_x, support_y, query_x):
+        z = self.features(torch.cat([support_x, query_x]))
+        support_z, query_z = z[: len(support_x)], z[len(support_x) :]
+        logits = self.score(self.prepare(support_z, support_y), query_z)
+        with torch.autocast(query_z.device.type, enabled=False):  # fp32, as in `prepare`
+            centres = refined_prototypes(support_z.float(), support_y, query_z.float(), logits)
+        return self.score({"prototypes": centres}, query_z)
 
     def mixup_layers(self) -> int:
         return self.backbone.n_layers  # any layer, up to the last feature map

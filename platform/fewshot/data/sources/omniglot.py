@@ -4,15 +4,39 @@ Each zip becomes one split, named after the zip (`images_background_small1.zip` 
 `small1`, `images_evaluation.zip` -> `evaluation`). A class is one character
 (`Alphabet/characterNN`); its group is the alphabet. Drawings are dark on white,
 so the manifest asks for inversion: ink is high, background zero.
+
+Zips that share drawings are merged: `images_background_small1.zip` and
+`images_background_small2.zip` both hold Greek and Latin, and their 1,000 drawings are
+byte-identical. A character of a later zip (in the order given) whose drawings are all
+those of a character already stored is dropped from its split: the first zip keeps it.
+The splits stay one per zip, disjoint in characters: small1 keeps its 5 alphabets (136
+characters) and small2 keeps Japanese_(katakana), Sanskrit and Tagalog (106): 8
+distinct alphabets, 242 distinct characters. So training on [small1, small2] sees every
+character once, under one label, each alphabet is one group, and a within-alphabet
+episode can never hold a character and its copy as two classes. Keeping the splits
+(rather than one merged split) keeps `train_split: [small1, small2]` working and makes
+small1 -> small2 a test on alphabets never trained on. The manifest's `merged` records
+every dropped character (zip, split, alphabet, character, the character it copies) and
+the counts. A character that shares only some drawings with another is refused: that
+is not a copy, and dropping part of a character would change the task.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from fewshot.data.decode import check_image
-from fewshot.data.store import Example, SourceInfo, sha256_files, write_store
+from fewshot.data.store import (
+    MANIFEST,
+    Example,
+    SourceInfo,
+    read_manifest,
+    sha256_files,
+    write_store,
+)
 from fewshot.errors import DataError
 
 # (classes, alphabets) of each official release, to refuse a partial copy.
@@ -23,6 +47,9 @@ KNOWN_COUNTS = {
     "small2": (156, 5),
 }
 IMAGES_PER_CLASS = 20
+# Part of the store's checksum: a store written before merging (the same zips, another
+# checksum) is rebuilt instead of reused.
+MERGE_VERSION = "merged1"
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 
 
@@ -74,6 +101,68 @@ def check_counts(name: str, examples: list[Example], zip_path: Path) -> None:
         )
 
 
+def content_hash(image: bytes) -> str:
+    return hashlib.sha256(image).hexdigest()
+
+
+def merge_duplicates(
+    splits: dict[str, list[Example]], zips: dict[str, Path]
+) -> tuple[dict[str, list[Example]], dict]:
+    """(`splits` without the characters that copy one of an earlier split, the manifest's
+    `merged` record). Splits are visited in order: the first to hold a character keeps it."""
+    owner: dict[str, tuple[str, str]] = {}  # drawing hash -> (split, character) kept
+    kept: dict[str, list[Example]] = {}
+    dropped = []
+    for split, examples in splits.items():
+        characters: dict[str, list[Example]] = {}
+        for example in examples:
+            characters.setdefault(example.class_name, []).append(example)
+        kept[split] = []
+        mine: dict[str, tuple[str, str]] = {}
+        for character, drawings in characters.items():
+            hashes = [content_hash(e.image) for e in drawings]
+            copied = Counter(owner[h] for h in hashes if h in owner)
+            if not copied:
+                kept[split].extend(drawings)
+                mine.update((h, (split, character)) for h in hashes)
+                continue
+            original, shared = copied.most_common(1)[0]
+            originals = sum(o == original for o in owner.values())
+            if not shared == len(hashes) == originals:
+                raise DataError(
+                    f"{zips[split]}: {character} shares {shared} of its {len(hashes)} drawings "
+                    f"with {original[0]}/{original[1]}, which has {originals}: not a copy; the "
+                    "zips overlap in part, prepare them into separate stores (--out)"
+                )
+            dropped.append(
+                {
+                    "zip": zips[split].name,
+                    "split": split,
+                    "alphabet": drawings[0].group,
+                    "character": character,
+                    "images": len(drawings),
+                    "duplicate_of": {"split": original[0], "character": original[1]},
+                }
+            )
+        if not kept[split]:
+            raise DataError(
+                f"{zips[split]}: every character is a copy of one in an earlier zip; leave "
+                "this zip out or prepare it into a store of its own (--out)"
+            )
+        owner.update(mine)
+    record = {
+        "rule": "a character whose drawings are byte-identical (sha256) to one of an earlier "
+        "zip is dropped from its split; the first zip given keeps it",
+        "characters_dropped": len(dropped),
+        "images_dropped": sum(d["images"] for d in dropped),
+        "characters_per_zip": {
+            zips[s].name: len({e.class_name for e in examples}) for s, examples in splits.items()
+        },
+        "dropped": dropped,
+    }
+    return kept, record
+
+
 def download(root: Path, names: list[str]) -> list[Path]:
     """Fetch the official zips through torchvision's downloader (needs internet)."""
     from torchvision.datasets.utils import download_url
@@ -91,7 +180,7 @@ def download(root: Path, names: list[str]) -> list[Path]:
 
 
 def prepare(zips: list[Path], out: Path, *, partial: bool = False, overwrite: bool = False) -> dict:
-    zips = [Path(z) for z in zips]
+    zips, out = [Path(z) for z in zips], Path(out)
     if not zips:
         raise DataError("no Omniglot zip given; pass --from-zip PATH (repeatable) or --download")
     names = [split_name(z) for z in zips]
@@ -103,13 +192,18 @@ def prepare(zips: list[Path], out: Path, *, partial: bool = False, overwrite: bo
         if not partial:
             check_counts(name, examples, zip_path)
         splits[name] = examples
+    splits, merged = merge_duplicates(splits, dict(zip(names, zips, strict=True)))
+    raw = sha256_files(zips) + ("-partial" if partial else "")
+    if (out / MANIFEST).is_file() and read_manifest(out).get("source_checksum") == raw:
+        overwrite = True  # the same zips, stored before duplicates were merged: redo it
     info = SourceInfo(
         name="omniglot",
         source="omniglot",
-        checksum=sha256_files(zips) + ("-partial" if partial else ""),
+        checksum=f"{raw}-{MERGE_VERSION}",
         channels=1,
         image_shape=(105, 105),
         invert=True,
         partial=partial,
+        extra={"merged": merged},
     )
     return write_store(out, info, splits, overwrite=overwrite)
