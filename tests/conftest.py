@@ -121,12 +121,46 @@ def local_cluster(nodes: list, head_cpus: float, **env: str):
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+class JoinedCluster:
+    """A running multi-machine cluster that the tests join instead of starting one
+    ($FEWSHOT_TEST_CLUSTER, see the README's "Testing on a real cluster"): its worker
+    nodes carry the custom resources `node_a` and `node_b`. Tests that take a node
+    or a worker down by PID skip here (`local` is False): those processes are on other
+    machines."""
+
+    def __init__(self, address: str, dashboard: str) -> None:
+        import ray
+
+        from fewshot.ray_cluster import NodeSpec
+
+        self.address, self.dashboard, self.local = address, dashboard, False
+        self.nodes = [NodeSpec("node_a"), NodeSpec("node_b")]
+        ray.init(address=address)
+
+    def node_id(self, name: str) -> str:
+        import ray
+
+        (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"]]
+        return node
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Three real Ray nodes on 127.0.0.1: a head that runs no training (0 CPUs; it holds
     the driver, the Jobs server and Train's controller) and two worker nodes `node_a`
-    and `node_b` of 1 CPU and a 200 MiB object store each."""
+    and `node_b` of 1 CPU and a 200 MiB object store each. With $FEWSHOT_TEST_CLUSTER
+    (a Ray address) and $FEWSHOT_TEST_DASHBOARD, a real cluster instead."""
     from fewshot.ray_cluster import NodeSpec
+
+    if os.environ.get("FEWSHOT_TEST_CLUSTER"):
+        import ray
+
+        joined = JoinedCluster(
+            os.environ["FEWSHOT_TEST_CLUSTER"], os.environ["FEWSHOT_TEST_DASHBOARD"]
+        )
+        yield joined
+        ray.shutdown()
+        return
 
     # A killed node is declared dead after 3 missed health checks 1 s apart (Ray's
     # default is 5 missed, 3 s apart), and Train gives up starting a worker group that

@@ -69,6 +69,7 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     address: str = ""
     dashboard: str = ""
+    local = True  # its nodes are processes of this machine
     _processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, timeout: float = 120) -> LocalCluster:

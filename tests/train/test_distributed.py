@@ -34,6 +34,13 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 
 
+def shared(out: Path) -> Path:
+    """Checkpoint storage that every node sees: on one machine, any local directory; on
+    a real cluster, a directory under the shared mount $FEWSHOT_TEST_STORAGE."""
+    root = os.environ.get("FEWSHOT_TEST_STORAGE")
+    return Path(root) / out.name if root else out / "ray"
+
+
 def settings(store: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.path={store}",
@@ -49,7 +56,7 @@ def settings(store: Path, out: Path, *extra: str) -> list[str]:
         "evaluate.episodes=40",
         f"train.output_dir={out}",
         # On one machine every node sees tmp_path: the shared storage a cluster needs.
-        f"distributed.storage_path={out / 'ray'}",
+        f"distributed.storage_path={shared(out)}",
         "distributed.workers=2",
         *extra,
     ]
@@ -135,12 +142,14 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
     common = settings(
         synthetic_store, tmp_path, "train.steps=60", "train.eval_every=15", "tracking.enabled=false"
     )
+    if not cluster.local:
+        pytest.skip("kills a worker process by PID on this machine")
     unbroken, unbroken_metrics = fit_on_ray(load_config(None, [*common, "name=unbroken"]), None)
     faulty = load_config(None, [*common, "name=faulty", "distributed.max_failures=1"])
     killed: list[int] = []
 
     def kill_a_worker() -> None:
-        first_checkpoint(tmp_path / "ray" / "faulty")
+        first_checkpoint(shared(tmp_path) / "faulty")
         pids = train_worker_pids()
         os.kill(pids[-1], signal.SIGKILL)
         killed.append(pids[-1])
@@ -177,7 +186,7 @@ def test_stopped_run_continues_when_started_again(cluster, synthetic_store, tmp_
         for a in ("--set", s)
     ]
     driver = run_cli(args, tmp_path)
-    first_checkpoint(tmp_path / "ray" / "stop")
+    first_checkpoint(shared(tmp_path) / "stop")
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=120)
     assert not (tmp_path / "stop" / "model.pt").exists()
@@ -296,6 +305,8 @@ def kill_after_first_checkpoint(cluster, storage: Path, node: str, log: dict) ->
 @pytest.fixture
 def revive(cluster):
     """Bring back, after the test, any worker node the test killed."""
+    if not cluster.local:
+        pytest.skip("takes a node down by PID on this machine; on a real cluster, by hand")
     yield
     for node in cluster.nodes:
         if node.name not in cluster.running():
@@ -328,7 +339,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_rest(
         ),
     )
     timeline: dict = {}
-    killer = kill_after_first_checkpoint(cluster, tmp_path / "ray" / "elastic", "node_b", timeline)
+    killer = kill_after_first_checkpoint(cluster, shared(tmp_path) / "elastic", "node_b", timeline)
     started = time.monotonic()
     model, metrics = fit_on_ray(config, run_id)
     killer.join()
@@ -346,7 +357,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_rest(
     )
 
     worker = Worker(config)  # 1 worker, from the checkpoint the run resumed from
-    worker.load_state_dict(checkpoint_at(tmp_path / "ray" / "elastic", resumed.value))
+    worker.load_state_dict(checkpoint_at(shared(tmp_path) / "elastic", resumed.value))
     fit(worker, lambda *_: None, lambda *_: None)
     expected = parameters(worker.method.state_dict())
     for name, value in parameters(model["state_dict"]).items():
@@ -379,7 +390,7 @@ def test_a_lost_node_without_retries_ends_the_run_with_one_line(
         ),
     )
     timeline: dict = {}
-    killer = kill_after_first_checkpoint(cluster, tmp_path / "ray" / "lost", "node_b", timeline)
+    killer = kill_after_first_checkpoint(cluster, shared(tmp_path) / "lost", "node_b", timeline)
     with pytest.raises(FewShotError) as failed:
         fit_on_ray(config, None)
     killer.join()
@@ -395,8 +406,8 @@ def test_local_storage_on_several_nodes_is_refused(cluster, synthetic_store, tmp
     with pytest.raises(ConfigError, match="storage_path: unset on a cluster of 2 worker nodes"):
         check_storage(config)
     shared = load_config(None, settings(synthetic_store, tmp_path))
-    assert check_storage(shared) == str(tmp_path / "ray")  # every node read the probe
-    assert not list((tmp_path / "ray").glob(".fewshot-probe-*"))  # and it was removed
+    assert check_storage(shared) == str(shared(tmp_path))  # every node read the probe
+    assert not list((shared(tmp_path)).glob(".fewshot-probe-*"))  # and it was removed
 
 
 def test_data_is_held_once_per_node_however_many_workers_run_there(cluster, tmp_path):

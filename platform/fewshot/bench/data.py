@@ -257,9 +257,10 @@ def run_nodes(workdir: Path, out: Path, nodes: int, images_per_class: int) -> No
         "",
         *table(["node", "workers there", "object store MB", "PSS MB", "x one copy"], rows),
         "",
-        "Each node pulls one copy from the head the first time one of its workers asks; "
-        "the second worker of a node maps that copy, so neither the object store nor the "
-        "node's memory grows by a copy.",
+        "Each node pulls one copy from the head the first time one of its workers asks, "
+        "and the second worker of a node maps that copy: compare a node's rows with 1 and "
+        "2 workers. Whatever PSS holds above one copy is there with the first worker "
+        "already and does not grow with the second; this bench does not break it down.",
         "",
     ]
     text = out.read_text() if out.is_file() else "# Data shared per node\n"
