@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/fewshot demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"

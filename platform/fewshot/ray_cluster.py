@@ -109,7 +109,8 @@ class LocalCluster:
             f"--resources={json.dumps({name: 1})}",
         )
         deadline = time.monotonic() + timeout
-        while not any(n["Alive"] and name in n["Resources"] for n in ray.nodes()):
+        # Joined, and its resources offered: an elastic run sizes itself by what it sees.
+        while ray.available_resources().get(name, 0) < 1:
             self._check_alive(name, deadline)
             time.sleep(0.2)
 

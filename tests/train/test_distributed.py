@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import psutil
 import pytest
 import torch
 
@@ -27,7 +26,13 @@ from fewshot.errors import ConfigError, FewShotError
 from fewshot.ray_cluster import store_bytes
 from fewshot.streams import Stream
 from fewshot.train.datasets import Datasets
-from fewshot.train.distributed import check_resources, check_storage, fit_on_ray
+from fewshot.train.distributed import (
+    check_resources,
+    check_storage,
+    fit_on_ray,
+    share_datasets,
+    shared_datasets,
+)
 from fewshot.train.loop import Worker, fit
 
 pytestmark = pytest.mark.cluster
@@ -107,14 +112,6 @@ def node_ids(cluster) -> list[str]:
     return [cluster.node_id(node.name) for node in cluster.nodes]
 
 
-def train_worker_pids() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["name", "cmdline"])
-        if "RayTrainWorker" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
-    ]
-
-
 def first_checkpoint(storage: Path, timeout: float = 240) -> None:
     """Wait until Ray Train has registered a checkpoint, not merely begun writing one.
 
@@ -134,35 +131,6 @@ def registered_checkpoint(snapshot: Path) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
         return False
     return state.get("latest_checkpoint_result") is not None
-
-
-def test_killed_worker_resumes_from_checkpoint_and_matches_unbroken_run(
-    cluster, synthetic_store, tmp_path
-):
-    common = settings(
-        synthetic_store, tmp_path, "train.steps=60", "train.eval_every=15", "tracking.enabled=false"
-    )
-    if not cluster.local:
-        pytest.skip("kills a worker process by PID on this machine")
-    unbroken, unbroken_metrics = fit_on_ray(load_config(None, [*common, "name=unbroken"]), None)
-    faulty = load_config(None, [*common, "name=faulty", "distributed.max_failures=1"])
-    killed: list[int] = []
-
-    def kill_a_worker() -> None:
-        first_checkpoint(shared(tmp_path) / "faulty")
-        pids = train_worker_pids()
-        os.kill(pids[-1], signal.SIGKILL)
-        killed.append(pids[-1])
-
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
-    model, metrics = fit_on_ray(faulty, None)
-    killer.join()
-    assert killed and killed[0] not in train_worker_pids()
-    assert metrics["pid"] != killed[0]
-    assert metrics["val_acc"] == pytest.approx(unbroken_metrics["val_acc"])
-    for name, value in unbroken["state_dict"].items():
-        torch.testing.assert_close(model["state_dict"][name], value, msg=name)
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -263,8 +231,6 @@ def test_workers_of_a_node_map_one_shared_copy_of_the_data(cluster, tiny_config,
     """Two workers at once see the driver's one copy: the same shared object store file."""
     import ray
 
-    from fewshot.train.distributed import share_datasets, shared_datasets
-
     config = tiny_config(f"data.decode={mode}")
     loop_config = {"data": share_datasets(config)}  # nested, as in train_loop_config
 
@@ -284,6 +250,9 @@ def test_workers_of_a_node_map_one_shared_copy_of_the_data(cluster, tiny_config,
         assert perms.endswith("s")  # a MAP_SHARED mapping, not a private copy
         assert "plasma" in file and file == held[0][0][1]  # the same object store file
         assert torch.equal(query_x, expected)
+
+
+ELASTIC = ("distributed.workers=[1, 2]", "distributed.placement=spread")  # one per node
 
 
 def kill_after_first_checkpoint(cluster, storage: Path, node: str, log: dict) -> threading.Thread:
@@ -332,8 +301,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_rest(
             "train.threads=1",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "name=elastic",
-            "distributed.workers=[1, 2]",
-            "distributed.placement=spread",
+            *ELASTIC,
             "distributed.max_failures=1",
             "distributed.keep_checkpoints=10",
         ),
@@ -385,7 +353,6 @@ def test_a_lost_node_without_retries_ends_the_run_with_one_line(
             "train.eval_every=15",
             "tracking.enabled=false",
             "name=lost",
-            "distributed.workers=[1, 2]",
             "distributed.placement=spread",
         ),
     )
@@ -405,70 +372,46 @@ def test_local_storage_on_several_nodes_is_refused(cluster, synthetic_store, tmp
     config = load_config(None, overrides)
     with pytest.raises(ConfigError, match="storage_path: unset on a cluster of 2 worker nodes"):
         check_storage(config)
-    shared = load_config(None, settings(synthetic_store, tmp_path))
-    assert check_storage(shared) == str(shared(tmp_path))  # every node read the probe
+    mounted = load_config(None, settings(synthetic_store, tmp_path))
+    assert check_storage(mounted) == str(shared(tmp_path))  # every node read the probe
     assert not list((shared(tmp_path)).glob(".fewshot-probe-*"))  # and it was removed
 
 
 def test_data_is_held_once_per_node_however_many_workers_run_there(cluster, tmp_path):
-    """A spread run (1 worker per node) and a packed one (2 workers on node_a): each
-    worker node's object store holds one copy of the training data while they train,
-    measured from its raylet's statistics."""
+    """Three workers get the data as Ray Train workers do (`share_datasets` here,
+    `shared_datasets` there), two on node_a and one on node_b: each worker node's object
+    store holds one copy, measured from its raylet's statistics, and node_a's second
+    worker adds nothing to it."""
+    import ray
+
     from fewshot.data.sources import synthetic
 
     store = tmp_path / "store"  # big enough that the data, not Ray's bookkeeping, shows
     synthetic.prepare(store, groups=(8, 2, 2), classes_per_group=10, images_per_class=40)
-    base = settings(store, tmp_path, "train.steps=30", "train.eval_every=15")
-    base += ["data.decode=memory", "tracking.enabled=false", "data.image_size=28"]
+    config = load_config(None, [*settings(store, tmp_path), "data.decode=memory"])
     # What the driver puts in the object store: the arrays, pickled out of band.
-    one_copy = len(pickle.dumps(Datasets.load(load_config(None, base)).shared(), protocol=5))
+    one_copy = len(pickle.dumps(Datasets.load(config).shared(), protocol=5))
     assert one_copy > 2e6
-    runs = {  # the nodes whose workers hold the data in each run
-        "spread": (["distributed.placement=spread"], {"node_a", "node_b"}),
-        "pack": (["distributed.cpus_per_worker=0.5", "distributed.placement=pack"], None),
-    }
-    for name, (extra, used) in runs.items():
-        config = load_config(None, [*base, f"name={name}", *extra])
-        wait_until_stores_are_empty(cluster, below=one_copy * 0.1)  # the last run's copies
-        peaks = peak_store_bytes(cluster, lambda: fit_on_ray(config, None))  # noqa: B023
-        # Pack puts both workers on one node, whichever Ray chooses.
-        used = used or {max(peaks, key=peaks.get)}
-        for node, peak in peaks.items():
-            if node in used:
-                assert one_copy * 0.9 < peak < one_copy * 1.3, (name, node, peak, one_copy)
-            else:
-                assert peak < one_copy * 0.1, (name, node, peak)
+    loop_config = {"data": share_datasets(config)}
 
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def hold(self, loop_config: dict) -> int:
+            self.data = shared_datasets(loop_config)
+            return len(self.data.train.labels)
 
-def wait_until_stores_are_empty(cluster, below: float, timeout: float = 60) -> None:
-    """Ray frees a node's copy a moment after the last reference to it goes."""
-    deadline = time.monotonic() + timeout
-    nodes = [cluster.node_id(node.name) for node in cluster.nodes]
-    while any(store_bytes(node) >= below for node in nodes):
-        assert time.monotonic() < deadline, [store_bytes(node) for node in nodes]
-        time.sleep(0.2)
-
-
-def peak_store_bytes(cluster, run) -> dict[str, int]:
-    """The most bytes each worker node's object store held while `run()` ran."""
     ids = {node.name: cluster.node_id(node.name) for node in cluster.nodes}
-    peaks = dict.fromkeys(ids, 0)
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            for name, node in ids.items():
-                peaks[name] = max(peaks[name], store_bytes(node))
-            time.sleep(0.1)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        run()
-    finally:
-        done.set()
-        poller.join()
-    return peaks
+    held, stored = [], []
+    for node in ("node_a", "node_a", "node_b"):
+        holder = Holder.options(resources={node: 0.1}).remote()
+        assert ray.get(holder.hold.remote(loop_config)) == 3200  # 80 classes x 40
+        held.append(holder)
+        stored.append({name: store_bytes(node_id) for name, node_id in ids.items()})
+    one_on_a, two_on_a, and_one_on_b = stored
+    assert one_copy * 0.9 < one_on_a["node_a"] < one_copy * 1.3, (one_on_a, one_copy)
+    assert one_on_a["node_b"] < one_copy * 0.1, one_on_a
+    assert abs(two_on_a["node_a"] - one_on_a["node_a"]) < one_copy * 0.01, stored
+    assert one_copy * 0.9 < and_one_on_b["node_b"] < one_copy * 1.3, (and_one_on_b, one_copy)
 
 
 def test_job_submitted_with_rays_own_cli_trains_on_both_nodes(cluster, synthetic_store, tmp_path):
