@@ -73,7 +73,6 @@ class LocalCluster:
     _processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, timeout: float = 120) -> LocalCluster:
-
         port, dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{port}"
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -157,14 +156,12 @@ class LocalCluster:
 
     def pids(self, name: str) -> list[int]:
         """The node's processes: `ray start` and everything under it."""
-        root = psutil.Process(self._processes[name].pid)
-        return [root.pid, *(p.pid for p in root.children(recursive=True))]
+        return [process.pid for process in tree(self._processes[name])]
 
     def kill(self, name: str) -> None:
         """Take node `name` down at once, as a machine that loses power."""
         started = self._processes.pop(name)
-        processes = [psutil.Process(started.pid)]
-        processes += processes[0].children(recursive=True)
+        processes = tree(started)
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
@@ -181,10 +178,9 @@ class LocalCluster:
             if started is None:
                 continue
             with contextlib.suppress(psutil.NoSuchProcess):
-                tree = [psutil.Process(started.pid)]
-                tree += tree[0].children(recursive=True)
+                processes = tree(started)
                 started.terminate()  # `ray start --block` stops its node's processes
-                _, alive = psutil.wait_procs(tree, timeout=15)
+                _, alive = psutil.wait_procs(processes, timeout=15)
                 for process in alive:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         process.kill()
@@ -201,6 +197,12 @@ class LocalCluster:
         port = self.address.rsplit(":", 1)[-1]
         if recorded.is_file() and recorded.read_text().strip().endswith(f":{port}"):
             recorded.unlink(missing_ok=True)
+
+
+def tree(started: subprocess.Popen) -> list[psutil.Process]:
+    """A started node: its `ray start` process and everything under it."""
+    root = psutil.Process(started.pid)
+    return [root, *root.children(recursive=True)]
 
 
 def free_port() -> int:

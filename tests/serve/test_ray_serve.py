@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.serve.test_server import champion_of_tiny_run, fewshot, free_port, task
+from tests.serve.test_server import champion_of_tiny_run, fewshot, task
 from tests.test_bad_inputs import BOMB
 
 from fewshot.errors import RequestError
+from fewshot.ray_cluster import free_port
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load, register
 from fewshot.serve import Client

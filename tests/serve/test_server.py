@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import pytest
 from fewshot.config import load_config
 from fewshot.errors import RequestError, ServeError
 from fewshot.pipeline import train
+from fewshot.ray_cluster import free_port
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load
 from fewshot.serve import Client
 from fewshot.serve.client import _error_message, request_body
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def fewshot(*args: str, uri: str, **kwargs):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from fewshot.bench import machine, write_table
 from fewshot.config import load_config
 from fewshot.data.sources import omniglot
 from fewshot.pipeline import train
-from fewshot.ray_cluster import connect
+from fewshot.ray_cluster import connect, free_port
 from fewshot.registry.gate import promote
 from fewshot.runtime import Runtime, available_cpus
 from fewshot.serve.client import Client, classify_body, request_body
@@ -207,9 +206,3 @@ def run(workdir: Path, out: Path, zips: list[Path], requests: int = 100) -> None
     )
     header = ["server (model)", "request", "concurrency", "p50 ms", "p99 ms", "requests/s"]
     write_table(out, "Serving: latency and throughput", intro, header, [c.row() for c in rows])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -94,6 +94,9 @@ def worker_loop(loop_config: dict) -> None:
     fit(worker, logger.log, on_round)
 
 
+PLACEMENT = "placement/step_{}.json"
+
+
 def log_placement(tracker: Tracker, comm: TorchDistributedComm, step: int) -> list[str]:
     """Which node each rank runs on, gathered once per (re)start of the worker group:
     printed, and logged by rank 0 as placement/step_N.json (an elastic run that lost a
@@ -109,9 +112,6 @@ def log_placement(tracker: Tracker, comm: TorchDistributedComm, step: int) -> li
     ranks = {str(rank): node for rank, node in enumerate(nodes)}
     tracker.text(json.dumps({"step": step, "ranks": ranks}, indent=2), PLACEMENT.format(step))
     return nodes
-
-
-PLACEMENT = "placement/step_{}.json"
 
 
 def check_resources(config: Config) -> None:
