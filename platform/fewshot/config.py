@@ -173,6 +173,9 @@ class AugmentConfig(Section):
     scale: float = Field(0.0, ge=0, lt=1)  # isotropic scale 1 +- scale
     shear: float = Field(0.0, ge=0, le=1)
     translate: float = Field(0.0, ge=0, le=0.5)  # shift, fraction of the image side
+    # Stroke width: each image blended towards its 3x3 dilation (thicker ink) or erosion
+    # (thinner) by a weight drawn in +- stroke; for ink-high images (Omniglot).
+    stroke: float = Field(0.0, ge=0, le=1)
 
 
 class TrainConfig(Section):

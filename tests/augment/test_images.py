@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.augment.images import AffineJitter, rotated_classes
+from fewshot.augment.images import AffineJitter, StrokeWidth, rotated_classes, training_jitter
 from fewshot.config import AugmentConfig
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.reader import ImageSet
@@ -84,3 +84,34 @@ def test_a_jittered_sampler_draws_the_same_classes_and_images_with_other_pixels(
     again = jittered.episode(Stream.TRAIN, 0, 3)
     assert torch.equal(b.query_x, again.query_x)  # an episode is a function of its key
     assert np.isfinite(b.support_x.numpy()).all()
+
+
+def stroke() -> torch.Tensor:
+    """A vertical ink line, 1 px wide and 255 high, on a 9x9 image [1, 1, 9, 9]."""
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 2:7, 4] = 255.0
+    return x
+
+
+def test_stroke_width_blends_towards_the_dilation_or_the_erosion_by_the_drawn_weight():
+    x = stroke().repeat(200, 1, 1, 1)
+    out = StrokeWidth(0.6)(x, torch.Generator().manual_seed(3))
+    t = (torch.rand(200, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.6
+    assert t.abs().max() <= 0.6 and (t > 0).any() and (t < 0).any()
+    ink = out.sum((1, 2, 3)) / 255
+    # Thicker: the 3x3 dilation of a 5-px line is 3 x 7 = 21 px, so ink = 5 + t * 16.
+    # Thinner: its erosion is empty (a 1-px line), so ink = 5 * (1 - |t|).
+    expected = torch.where(t > 0, 5 + t * 16, 5 * (1 - t.abs()))
+    torch.testing.assert_close(ink, expected, rtol=0, atol=1e-4)
+    assert torch.equal(StrokeWidth(0.0)(x, torch.Generator().manual_seed(3)), x)
+
+
+def test_training_jitter_is_none_one_augmentation_or_stroke_width_then_the_affine_map():
+    assert training_jitter(AugmentConfig()) is None
+    assert isinstance(training_jitter(AugmentConfig(stroke=0.5)), StrokeWidth)
+    assert isinstance(training_jitter(AugmentConfig(translate=0.1)), AffineJitter)
+    both = training_jitter(AugmentConfig(stroke=0.5, translate=0.1))
+    x = spot().repeat(8, 1, 1, 1)
+    g = torch.Generator().manual_seed(4)
+    by_hand = AffineJitter(AugmentConfig(translate=0.1))(StrokeWidth(0.5)(x, g), g)
+    assert torch.equal(both(x, torch.Generator().manual_seed(4)), by_hand)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewshot.augment.images import AffineJitter
+from fewshot.augment.images import training_jitter
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
@@ -89,14 +89,13 @@ class Worker:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.method: FewShotMethod = build_method(config, data.train.images.shape[1])
         e = config.episode
-        jitter = AffineJitter(config.augment)
         self.sampler = EpisodeSampler(
             data.train,
             e.n_way,
             e.k_shot,
             e.q_query,
             within_group=config.data.within_group,
-            jitter=jitter if jitter.active else None,
+            jitter=training_jitter(config.augment),
         )
         self.mixup = None
         if config.task_mixup.strategy != "none":
