@@ -4,6 +4,10 @@
         {"config": the resolved config as a dict,
          "channels": image channels the backbone takes,
          "state_dict": the method's weights, on the CPU}
+      or, for an ensemble (methods/ensemble.py),
+        {"config": its run's config (the first member's, renamed),
+         "channels": as above, the same for every member,
+         "members": [the members' model files]}
 
     in-process checkpoint (runs/NAME/checkpoint.pt)
         the training worker's state (`train.loop.Worker.state_dict`)
@@ -27,6 +31,7 @@ import torch
 from fewshot.config import Config, apply_overrides, as_dict, validate
 from fewshot.errors import CheckpointError
 from fewshot.methods import FewShotMethod, build_method
+from fewshot.methods.ensemble import Ensemble
 from fewshot.run_dir import RunDir
 from fewshot.safety import load_weights
 from fewshot.tracking import download_artifact
@@ -55,10 +60,37 @@ def save(model: dict, path: Path) -> None:
     write_atomic(model, path)
 
 
+def ensemble_contents(config: Config, members: list[dict], sources: list[str]) -> dict:
+    """The model file of an ensemble of the model files `members` (read from `sources`,
+    named in errors), run under `config`. Members must take the same input: what the
+    registry packs as preprocessing (dataset, image size, channels) comes from `config`."""
+    first = members[0]
+    for member, source in zip(members[1:], sources[1:], strict=True):
+        if "members" in member:
+            raise CheckpointError(
+                f"{source}: is an ensemble already; give its members instead of it"
+            )
+        for key, value, want in [
+            ("channels", member["channels"], first["channels"]),
+            ("data.image_size", member["config"]["data"]["image_size"], config.data.image_size),
+            ("data.path", str(member["config"]["data"]["path"]), str(config.data.path)),
+        ]:
+            if value != want:
+                raise CheckpointError(
+                    f"{source}: {key} is {value} but {sources[0]}'s is {want}; an ensemble's "
+                    "members must take the same input, so leave this one out"
+                )
+    return {"config": as_dict(config), "channels": first["channels"], "members": members}
+
+
 def read(path: str | Path, what: str = "a fewshot model file") -> dict:
     """The model file at `path`, checked to be one."""
     model = load_weights(path, what)
-    if not isinstance(model, dict) or "config" not in model or "state_dict" not in model:
+    if not (
+        isinstance(model, dict)
+        and "config" in model
+        and ("state_dict" in model or "members" in model)
+    ):
         raise CheckpointError(f"{path}: not a fewshot model file; pass runs/NAME/model.pt")
     return model
 
@@ -67,9 +99,12 @@ def config_of(model: dict) -> Config:
     return validate(model["config"])
 
 
-def build(model: dict) -> tuple[Config, FewShotMethod]:
-    """The trained method of a model file, and the config it was trained under."""
+def build(model: dict) -> tuple[Config, FewShotMethod | Ensemble]:
+    """The trained method of a model file (an `Ensemble` of the members' for an
+    ensemble), and the config it was trained or combined under."""
     config = config_of(model)
+    if "members" in model:
+        return config, Ensemble([build(member)[1] for member in model["members"]])
     method = build_method(config, model["channels"])
     method.load_state_dict(model["state_dict"])
     return config, method
@@ -81,6 +116,11 @@ def load(path: str | Path, what: str = "a fewshot model file") -> tuple[Config, 
 
 def from_run(source: str | Path, tracking_uri: str | None = None) -> tuple[Config, FewShotMethod]:
     """A trained method from a model file, a run directory, or an MLflow run id."""
+    return load(locate(source, tracking_uri))
+
+
+def locate(source: str | Path, tracking_uri: str | None = None) -> Path:
+    """The model file of a model file, a run directory, or an MLflow run id (fetched)."""
     path = Path(source)
     if path.is_dir():
         path = RunDir(path).model
@@ -97,12 +137,17 @@ def from_run(source: str | Path, tracking_uri: str | None = None) -> tuple[Confi
                 f"{source}: not a run directory, file or MLflow run id with "
                 f"a model ({type(exc).__name__}); check the id"
             ) from None
-    return load(path)
+    return path
 
 
 def with_settings(config: Config, method: FewShotMethod, overrides: list[str]):
     """`config` with `--set` overrides, and the trained `method` rebuilt under it, so a
     test-time setting of the method (`method.test_views`, MAML's eval steps) applies."""
+    if isinstance(method, Ensemble):
+        raise CheckpointError(
+            f"--set {' '.join(overrides)}: an ensemble takes no settings of its own; set them "
+            "on its members' runs and build the ensemble again"
+        )
     changed = validate(apply_overrides(as_dict(config), overrides))
     rebuilt = build_method(changed, method.shape.channels)
     rebuilt.load_state_dict(method.state_dict())

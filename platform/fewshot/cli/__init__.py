@@ -16,6 +16,7 @@ app = typer.Typer(
 # `fewshot --help` lists the commands in the order they are added here, then the groups.
 for command in (
     run.train,
+    run.ensemble,
     run.evaluate,
     run.demo,
     registry.register,

@@ -50,6 +50,36 @@ def train(
     result = train(cfg, restart=restart, progress=True)
     console.print(accuracy_table([evaluation_row(cfg, result.test)], f"run {cfg.name}"))
     print_where(result.run_dir, result.run_id, cfg.tracking.uri)
+    print_registered(cfg)
+
+
+def ensemble(
+    members: Annotated[
+        list[str],
+        typer.Argument(
+            help="Trained models, 2 or more: runs/NAME, model .pt files or MLflow run ids "
+            "(resolved against $MLFLOW_TRACKING_URI)."
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="The ensemble run's name (runs/NAME).")],
+    set_: SetOpt = None,
+    restart: Annotated[bool, typer.Option(help="Discard a previous run of the same name.")] = False,
+) -> None:
+    """Combine trained models into one (the mean of their log-probabilities), test it on
+    the first member's fixed test episodes and log it as a run of its own, which
+    `fewshot register` registers like a trained run (or --set registry.register=true)."""
+    from fewshot.evaluate import evaluation_row
+    from fewshot.pipeline import ensemble as combine
+
+    result = combine(members, [f"name={name}", *(set_ or [])], restart=restart)
+    cfg = result.config
+    row = {**evaluation_row(cfg, result.test), "method": f"ensemble of {len(members)}"}
+    console.print(accuracy_table([row], f"run {name}"))
+    print_where(result.run_dir, result.run_id, cfg.tracking.uri)
+    print_registered(cfg)
+
+
+def print_registered(cfg) -> None:
     if cfg.registry.register:
         name = cfg.registry.name or cfg.name
         console.print(f"registered as {name} (@challenger); gate it with: fewshot promote {name}")

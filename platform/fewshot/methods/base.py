@@ -168,6 +168,10 @@ class FewShotMethod(nn.Module):
         `params`, can answer `n_way`-way tasks."""
         return not cls.fixed_way or n_way == trained_way
 
+    def answers_way(self, n_way: int) -> bool:
+        """Whether this trained model can answer `n_way`-way tasks."""
+        return self.supports_way(n_way, self.shape.n_way, self.params)
+
     @classmethod
     def check(cls, config, params: MethodParams) -> None:
         """Refuse a bad combination of settings before training (raise ConfigError);

@@ -114,12 +114,12 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
 
     def check_task(self, n_way: int) -> None:
         """Refuse a task shape the method cannot answer (MAML's head has a fixed width)."""
-        method, trained_way = self.method, self.method.shape.n_way
-        if not method.supports_way(n_way, trained_way, method.params):
+        method = self.method
+        if not method.answers_way(n_way):
             raise RequestError(
                 f"support_labels: this model cannot answer a {n_way}-way task ({method.name} "
-                f"with these settings answers only the {trained_way}-way tasks it was trained "
-                f"on; train a separate model for {n_way}-way)"
+                f"with these settings answers only the {method.shape.n_way}-way tasks it was "
+                f"trained on; train a separate model for {n_way}-way)"
             )
 
     def classify(

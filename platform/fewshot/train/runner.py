@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot import model_file
-from fewshot.config import Config
+from fewshot.config import Config, apply_overrides, validate
 from fewshot.data.reader import require_splits
+from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
 from fewshot.run_dir import RunDir
 from fewshot.safety import remove_inside
@@ -31,6 +32,7 @@ class RunResult:
     test: Accuracy
     val_acc: float
     steps: int
+    config: Config  # what it ran under
 
 
 def fit_here(
@@ -68,6 +70,20 @@ def has_progress(config: Config, run_dir: RunDir) -> bool:
     return False
 
 
+def test_and_save(config: Config, model: dict, run_dir: RunDir, tracker: Tracker) -> Accuracy:
+    """Evaluate the model file `model` on the fixed test episodes, then write it as the
+    run's model and log both."""
+    _, method = model_file.build(model)
+    test = evaluate_method(method, config)
+    # model.pt marks the run finished, so it is written only after the test episodes ran:
+    # a failed evaluation leaves a run that the corrected command continues.
+    model_file.save(model, run_dir.model)
+    tracker.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, config.train.steps)
+    tracker.table("evaluation", [evaluation_row(config, test)])
+    tracker.artifact(run_dir.model, "model")
+    return test
+
+
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
     """Train (here, or on Ray with `distributed.workers`), then evaluate on the fixed
     test episodes and log everything to the run's MLflow run."""
@@ -85,14 +101,7 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
                 model, metrics = fit_on_ray(config, tracker.run_id, restart=restart)
             else:
                 model, metrics = fit_here(config, run_dir, tracker, progress)
-            _, method = model_file.build(model)
-            test = evaluate_method(method, config)
-            # model.pt marks the run finished, so it is written only after the test episodes
-            # ran: a failed evaluation leaves a run that the corrected command continues.
-            model_file.save(model, run_dir.model)
-            tracker.metrics({"test_acc": test.mean, "test_ci95": test.ci95}, config.train.steps)
-            tracker.table("evaluation", [evaluation_row(config, test)])
-            tracker.artifact(run_dir.model, "model")
+            test = test_and_save(config, model, run_dir, tracker)
     except BaseException:
         # A run refused or failed before its first checkpoint leaves no directory that
         # would block the corrected config under the same name (its MLflow run says FAILED).
@@ -100,5 +109,39 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
             remove_inside(run_dir.path, config.train.output_dir)
         raise
     return RunResult(
-        run_dir.path, tracker.run_id, test, metrics.get("val_acc", float("nan")), config.train.steps
+        run_dir.path,
+        tracker.run_id,
+        test,
+        metrics.get("val_acc", float("nan")),
+        config.train.steps,
+        config,
     )
+
+
+def combine(sources: list[str], overrides: list[str], *, restart: bool = False) -> RunResult:
+    """An ensemble run: the trained models at `sources` (run directories, model files or
+    MLflow run ids; at least 2) combined into one model (methods/ensemble.py), tested on
+    the fixed test episodes and saved like a trained run's, with nothing trained. Its
+    config is the first member's with `overrides` (`name=...` at least) applied; the
+    sources are tagged on its MLflow run (`fewshot.ensemble`)."""
+    if len(sources) < 2:
+        raise ConfigError(f"ensemble of {len(sources)} model(s): give at least 2 members")
+    first = model_file.read(model_file.locate(sources[0]))
+    config = validate(apply_overrides(first["config"], overrides))
+    members = [first, *(model_file.read(model_file.locate(s)) for s in sources[1:])]
+    model = model_file.ensemble_contents(config, members, sources)
+    check_test_split(config)
+    run_dir = RunDir.of(config)
+    run_dir.start(config, restart, config.train.output_dir)
+    tags = {
+        "fewshot.method": f"ensemble of {len(members)}: {config.method.name}",
+        "fewshot.ensemble": ", ".join(sources),
+    }
+    try:
+        with tracked_run(config, run_dir, tags=tags) as tracker:
+            test = test_and_save(config, model, run_dir, tracker)
+    except BaseException:
+        if not run_dir.model.exists():
+            remove_inside(run_dir.path, config.train.output_dir)
+        raise
+    return RunResult(run_dir.path, tracker.run_id, test, float("nan"), config.train.steps, config)
