@@ -102,3 +102,27 @@ def test_transductive_inference_is_off_unless_asked_and_refused_where_unsupporte
     assert load_config(configs / "omniglot.yaml").evaluate.transductive is False
     with pytest.raises(ConfigError, match=r"^evaluate\.transductive: maml .*=false"):
         load_config(None, ["method.name=maml", "evaluate.transductive=true"])
+
+
+def test_a_learned_temperature_starts_at_the_setting_and_moves_with_its_gradient(make):
+    method = make(["method.temperature=8", "method.learn_temperature=true"]).train()
+    fixed = make(["method.temperature=8"])
+    fixed.load_state_dict({k: v for k, v in method.state_dict().items() if k != "log_temperature"})
+    support_x, query_x = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    support_y = query_y = torch.tensor([0, 1, 2, 0, 1, 2])
+    method.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            method.predict(support_x, support_y, query_x),
+            fixed.predict(support_x, support_y, query_x),
+        )
+    assert "log_temperature" not in fixed.state_dict()  # older model files still load
+    # logits = s / exp(u) with u = log t, so d logits / du = -logits and
+    # d CE / du = mean over queries of sum_n (p_n - y_n) * (-logits_n).
+    logits = method.predict(support_x, support_y, query_x)
+    torch.nn.functional.cross_entropy(logits, query_y).backward()
+    p = logits.detach().softmax(1)
+    y = torch.nn.functional.one_hot(query_y, 3).float()
+    expected = ((p - y) * -logits.detach()).sum(1).mean()
+    assert expected.abs() > 0
+    torch.testing.assert_close(method.log_temperature.grad, expected, rtol=1e-4, atol=1e-7)

@@ -2,7 +2,10 @@
 
 prototype c_n = mean of the support embeddings of class n;
 logits = -||f(q) - c_n||^2 / temperature   (euclidean, the paper's choice)
-      or  cos(f(q), c_n) / temperature    (cosine).
+      or  cos(f(q), c_n) / temperature    (cosine);
+
+the temperature is a setting, or with `learn_temperature` a parameter exp(log_temperature)
+trained with the backbone from the setting's value.
 
 At test time f may be averaged over `test_views` fixed shifts of each image
 (models/views.py): a cheap test-time augmentation that travels with the model.
@@ -22,11 +25,13 @@ other queries, which is why it is a separate, labelled figure.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from fewshot.data.episodes import Episode
 from fewshot.methods.base import FewShotMethod, Loss, MethodParams, register
@@ -36,6 +41,9 @@ from fewshot.models.views import VIEW_SHIFTS, fixed_views
 class ProtoNetParams(MethodParams):
     distance: Literal["euclidean", "cosine"] = "euclidean"
     temperature: float = Field(1.0, gt=0)
+    # True: the temperature is learned with the backbone, starting at `temperature`
+    # (a parameter log_temperature; Oreshkin et al. 2018 learn such a metric scale).
+    learn_temperature: bool = False
     test_views: int = Field(1, ge=1, le=len(VIEW_SHIFTS))  # 1: no test-time augmentation
 
 
@@ -74,6 +82,17 @@ class ProtoNet(FewShotMethod):
     splits_prediction = True
     transductive = True
 
+    def __init__(self, backbone, params: ProtoNetParams, shape) -> None:
+        super().__init__(backbone, params, shape)
+        if params.learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(params.temperature)))
+
+    @property
+    def temperature(self) -> torch.Tensor | float:
+        if self.params.learn_temperature:
+            return self.log_temperature.float().exp()
+        return self.params.temperature
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> embeddings [B, D], averaged over the test views."""
         views = 1 if self.training else self.params.test_views
@@ -96,7 +115,7 @@ class ProtoNet(FewShotMethod):
                 scores = F.normalize(query_z, dim=1) @ F.normalize(centres, dim=1).T
             else:
                 scores = -squared_distances(query_z, centres)
-            return scores / self.params.temperature
+            return scores / self.temperature
 
     def predict(self, support_x, support_y, query_x):
         # One forward over support and query: one batch, one set of batch statistics.
