@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,10 @@ def test_folds_train_one_model_per_fold_without_its_groups_and_pool_the_fixed_ep
     assert recipe["accuracy"]["20w1s"].mean == pytest.approx(sum(fold_means) / 3)
     text = out.read_text()
     assert "**recipe: fold mean**" in text and "transductive (test-time only" in text
+    # Its error change against the first row: errors minus the recipe's, in points.
+    a, t = recipe["accuracy"]["20w1s"], transductive["accuracy"]["20w1s"]
+    line = text.split("(test-time only, the models above): fold mean**")[1].splitlines()[0]
+    assert f"| {100 * (a.mean - t.mean):+.2f} ± {100 * math.hypot(a.ci95, t.ci95):.2f} |" in line
 
 
 def test_a_folds_bench_refuses_an_ensemble_row(workdir, folds_file):

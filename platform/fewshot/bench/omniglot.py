@@ -36,6 +36,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -305,22 +306,36 @@ def error(mean: float, ci95: float) -> str:
     return f"{100 * (1 - mean):.2f} ± {100 * ci95:.2f}"
 
 
+def change(mean: float, ci95: float, reference: tuple[float, float] | None) -> str:
+    """Error points minus the first row's on the same episodes, with the CI of a
+    difference of two independent figures: conservative, as the rows are paired."""
+    if reference is None:
+        return "-"
+    return f"{100 * (reference[0] - mean):+.2f} ± {100 * math.hypot(ci95, reference[1]):.2f}"
+
+
 def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
     rows = []
+    first = results[0]
     for r in results:
         label = r["name"] + (" (test-time only, the models above)" if r["test_time_only"] else "")
-        for f in r["folds"]:
+        compared = r is not first
+        for f, f0 in zip(r["folds"], first["folds"], strict=True):
             mean, ci95, episodes = f["accuracy"]
             held = ", ".join(
                 f"{a} ({w}-way)" for a, w in zip(f["held_out"], f["ways"], strict=True)
             )
-            rows.append([label, held, error(mean, ci95), str(episodes), f"{f['minutes']:.1f}"])
-        a = r["accuracy"]["20w1s"]
+            versus = change(mean, ci95, f0["accuracy"][:2] if compared else None)
+            rows.append(
+                [label, held, error(mean, ci95), versus, str(episodes), f"{f['minutes']:.1f}"]
+            )
+        a, a0 = r["accuracy"]["20w1s"], first["accuracy"]["20w1s"]
         rows.append(
             [
                 f"**{label}: fold mean**",
                 f"all {sum(len(f['held_out']) for f in r['folds'])} alphabets, {r['steps']} steps",
                 f"**{error(a.mean, a.ci95)}**",
+                change(a.mean, a.ci95, (a0.mean, a0.ci95) if compared else None),
                 str(a.episodes),
                 f"{r['minutes']:.1f}",
             ]
@@ -337,8 +352,11 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
         "alphabet, so it is the mean of the fold errors), its CI 1.96 * std / sqrt(episodes) "
         "over them: the noise of the episode draw, not of which alphabets exist. Run min: "
         "wall-clock minutes of each fold's training run (its own final test included). "
+        f"Error change: points against the first row ({first['name']}) on the same "
+        "episodes, negative for fewer errors; its CI treats the two as independent, "
+        "which overstates it for paired rows. "
         f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
-        ["row", "held-out alphabets", "error % ± CI", "episodes", "run min"],
+        ["row", "held-out alphabets", "error % ± CI", "error change", "episodes", "run min"],
         rows,
     )
 
