@@ -13,9 +13,11 @@ on every worker, so workers that each load the data agree without talking.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fewshot.data.reader import ImageSet
 from fewshot.errors import DataError
@@ -75,6 +77,28 @@ class Fold:
     test: list[int]
 
 
+def require_distinct_images(images: ImageSet) -> None:
+    """Refuse images whose pixels appear under two classes (a character stored twice, as
+    an Omniglot store written before `prepare` merged the small sets' shared alphabets
+    holds): a held-out class would then be tested on drawings trained on, or a test
+    episode would hold one character as two classes."""
+    stored = images.images
+    if isinstance(stored, torch.Tensor):  # decoded: the pixels
+        contents = (row.tobytes() for row in stored.reshape(len(stored), -1).numpy())
+    else:  # kept encoded: the file's bytes (the small sets' copies are byte-identical)
+        contents = (stored.blobs[start:end].tobytes() for start, end in stored.spans)
+    first_class: dict[bytes, int] = {}
+    for content, label in zip(contents, images.labels.tolist(), strict=True):
+        seen = first_class.setdefault(hashlib.sha1(content).digest(), label)
+        if seen != label:
+            names = images.class_names
+            raise DataError(
+                f"the same image is stored under classes {names[seen]!r} and "
+                f"{names[label]!r}; prepare the dataset again so that each is stored once "
+                "(`fewshot data prepare omniglot` merges the small sets' copies)"
+            )
+
+
 def leave_groups_out(images: ImageSet, folds: int) -> list[Fold]:
     """Leave-groups-out cross-validation over every group of `images`: the groups sorted
     by name, fold f holds out groups f, f + folds, f + 2 * folds, ... and trains on all
@@ -83,6 +107,7 @@ def leave_groups_out(images: ImageSet, folds: int) -> list[Fold]:
     machine and after the store is prepared again. Omniglot's merged small sets
     (8 alphabets) with 4 folds: (Balinese, Korean), (Early_Aramaic, Latin), (Greek,
     Sanskrit), (Japanese_(katakana), Tagalog)."""
+    require_distinct_images(images)
     groups = images.groups()
     if not 2 <= folds <= len(groups):
         raise DataError(
