@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from fewshot.methods.ensemble import Ensemble
+from fewshot.model_file import from_run
+
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "omniglot.py"
 
 
@@ -47,6 +50,13 @@ def test_the_job_trains_on_both_sets_promotes_once_and_is_idempotent(
     assert "train 2/2" in first.stderr  # progress lines when not on a terminal
     config = (workdir / "runs" / "omniglot" / "config.yaml").read_text()
     assert "- small1\n  - small2" in config and "rotations: true" in config
+    # The champion is one model of the two members of jobs/configs/omniglot_members.yaml.
+    _, model = from_run(workdir / "runs" / "omniglot")
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    members = [from_run(workdir / "runs" / n)[0] for n in ("omniglot-stroke", "omniglot-40way")]
+    assert members[0].augment.stroke == 0.5 and members[0].episode.n_way == 20
+    assert members[1].episode.n_way == 40 and not members[1].data.within_group
+    assert members[1].train.steps == members[0].train.steps == 2  # the overrides come last
 
     again = run_job(workdir, omniglot_store, omniglot_zips)
     assert again.returncode == 0, again.stderr[-2000:]
