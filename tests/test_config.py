@@ -9,7 +9,12 @@ from fewshot.errors import ConfigError
 def test_defaults_resolve_with_method_params_filled_in():
     config = load_config()
     assert config.method.name == "protonet"
-    assert config.method.params() == {"distance": "euclidean", "temperature": 1.0, "test_views": 1}
+    assert config.method.params() == {
+        "distance": "euclidean",
+        "temperature": 1.0,
+        "learn_temperature": False,
+        "test_views": 1,
+    }
     assert "inner_steps" in load_config(None, ["method.name=maml"]).method.params()
 
 

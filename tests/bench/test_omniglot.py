@@ -134,11 +134,37 @@ def test_folds_train_one_model_per_fold_without_its_groups_and_pool_the_fixed_ep
     assert f"| {100 * (a.mean - t.mean):+.2f} ± {100 * math.hypot(a.ci95, t.ci95):.2f} |" in line
 
 
-def test_a_folds_bench_refuses_an_ensemble_row(workdir, folds_file):
+def test_a_folds_ensemble_row_averages_each_folds_members(workdir, folds_file):
     spec = yaml.safe_load(folds_file.read_text())
-    spec["rows"].append({"name": "pair", "ensemble": [{}, {"seed": 1}]})
+    spec["rows"] = [{"name": "recipe"}, {"name": "pair", "ensemble": [{}, {"seed": 1}]}]
     folds_file.write_text(yaml.safe_dump(spec))
-    with pytest.raises(ConfigError, match="'pair' has `ensemble`"):
+    recipe, pair = omniglot.run(folds_file, workdir / "o.md")
+    runs = sorted(p for p in (workdir / "runs").iterdir() if (p / "model.pt").is_file())
+    assert len(runs) == 6  # 3 folds x 2 members; the recipe row's are the first members
+    images = load_split(synthetic_store_of(spec), "train", 16)
+    fold = leave_groups_out(images, 3)[0]
+    trained = [from_run(r) for r in runs]
+    members = [
+        (c, m)
+        for c, m in trained
+        if set(c.data.train_classes) == {images.class_names[k] for k in fold.train}
+    ]
+    assert sorted(c.seed for c, _ in members) == [0, 1]
+    ensemble = Ensemble([m for _, m in sorted(members, key=lambda cm: cm[0].seed)])
+    accuracies = omniglot.fold_accuracies(ensemble, members[0][0], images, fold)
+    assert pair["folds"][0]["accuracy"][0] == pytest.approx(mean_ci(accuracies).mean)
+    assert pair["minutes"] > recipe["minutes"]  # both members' training
+
+
+def synthetic_store_of(spec: dict) -> Path:
+    return Path(spec["base"]["data"]["path"])
+
+
+def test_a_folds_bench_refuses_a_curve_row(workdir, folds_file):
+    spec = yaml.safe_load(folds_file.read_text())
+    spec["rows"].append({"name": "plot", "curve": True})
+    folds_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="'plot' has `curve`"):
         omniglot.run(folds_file, workdir / "o.md")
 
 

@@ -24,7 +24,8 @@ starts from, and `rows`, each a `name` and one of
 - `test_set:` settings applied at test time only: the row reuses the model trained
   with the same training settings (test-time augmentation on or off);
 - `ensemble:` a list of `set:` dicts, one per member, whose models' log-probabilities
-  are averaged (members trained already by another row are reused).
+  are averaged (members trained already by another row are reused); under the folds,
+  one ensemble per fold of that fold's members.
 A row with `curve: true` contributes its validation error over training minutes to
 the plot (two-way only). Results: a markdown table, its rows as JSON (for `--only`),
 and a PNG plot.
@@ -80,10 +81,10 @@ def read_spec(path: Path) -> dict[str, Any]:
     if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool)):
         raise ConfigError(f"{path}: folds: {folds!r} is not a number of folds; use e.g. 4")
     for row in spec["rows"] if folds else []:
-        if "ensemble" in row or row.get("curve"):
+        if row.get("curve"):
             raise ConfigError(
-                f"{path}: row {row['name']!r} has `ensemble` or `curve`, which the folds "
-                "protocol does not run; drop them or the `folds` key"
+                f"{path}: row {row['name']!r} has `curve`, which the folds protocol does not "
+                "plot; drop it or the `folds` key"
             )
     return spec
 
@@ -199,15 +200,21 @@ def fold_accuracies(method, config: Config, images: ImageSet, fold: Fold) -> lis
 def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> dict:
     """A row under leave-alphabets-out cross-validation: one model per fold (shared with
     the rows of the same training settings), tested on the fold's alphabets."""
-    settings = row.get("set") or {}
-    d = configured(base, bench, settings).data
+    members = row.get("ensemble") or [row.get("set") or {}]
+    d = configured(base, bench, members[0] or {}).data
     images = fold_images(d.path, tuple(d.train_split), d.image_size)
     pooled: list[float] = []
     per_fold, minutes = [], 0.0
     for fold in leave_groups_out(images, folds):
         names = [images.class_names[c] for c in fold.train]
-        trained = configured(base, bench, {**settings, "data.train_classes": names})
-        config, method, _, fold_minutes, _ = models.get(trained)
+        trained = [
+            models.get(configured(base, bench, {**(s or {}), "data.train_classes": names}))
+            for s in members
+        ]
+        config, method = trained[0][0], trained[0][1]
+        if len(trained) > 1:
+            method = Ensemble([m[1] for m in trained])
+        fold_minutes = sum(m[3] for m in trained)
         if row.get("test_set"):
             config, method = at_test_time(row, config, method)
         accuracies = fold_accuracies(method, config, images, fold)
