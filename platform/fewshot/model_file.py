@@ -65,11 +65,12 @@ def ensemble_contents(config: Config, members: list[dict], sources: list[str]) -
     named in errors), run under `config`. Members must take the same input: what the
     registry packs as preprocessing (dataset, image size, channels) comes from `config`."""
     first = members[0]
-    for member, source in zip(members[1:], sources[1:], strict=True):
+    for member, source in zip(members, sources, strict=True):
         if "members" in member:
             raise CheckpointError(
                 f"{source}: is an ensemble already; give its members instead of it"
             )
+    for member, source in zip(members[1:], sources[1:], strict=True):
         for key, value, want in [
             ("channels", member["channels"], first["channels"]),
             ("data.image_size", member["config"]["data"]["image_size"], config.data.image_size),

@@ -76,9 +76,13 @@ def test_members_with_other_inputs_or_too_few_are_refused_and_leave_no_run(tiny_
     assert not (runs.dirs["tiny"].parent / name).exists()
 
 
-def test_an_ensemble_takes_no_test_time_settings_of_its_own(tiny_runs):
+def test_an_ensemble_takes_no_test_time_settings_and_is_no_member(tiny_runs):
     runs = tiny_runs
     result = ensemble([str(runs.dirs["tiny"])] * 2, ["name=ens-twice"])
     config, combined = from_run(result.run_dir)
     with pytest.raises(CheckpointError, match="set them on its members"):
         with_settings(config, combined, ["method.test_views=2"])
+    for sources in ([result.run_dir, runs.dirs["tiny"]], [runs.dirs["tiny"], result.run_dir]):
+        with pytest.raises(CheckpointError, match="is an ensemble already"):
+            ensemble([str(s) for s in sources], ["name=ens-nested"])
+    assert not (runs.dirs["tiny"].parent / "ens-nested").exists()
