@@ -14,7 +14,16 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect datasets.
 prepare_app = typer.Typer(no_args_is_help=True, help="Convert a source into a dataset store.")
 data_app.add_typer(prepare_app, name="prepare")
 
-OutOpt = Annotated[Path, typer.Option(help="Dataset directory to write.")]
+
+def _writable_out(out: Path) -> Path:
+    """Refuse an --out where no store can be written before reading or downloading."""
+    from fewshot.data.store import check_out
+
+    check_out(out)
+    return out
+
+
+OutOpt = Annotated[Path, typer.Option(help="Dataset directory to write.", callback=_writable_out)]
 PartialOpt = Annotated[
     bool, typer.Option(help="Accept a copy smaller than the release (recorded in the manifest).")
 ]

@@ -120,14 +120,25 @@ def remove_stale_staging(out: Path) -> None:
             remove_inside(stale, out.parent)
 
 
+def check_out(out: Path) -> None:
+    """Refuse an `out` that is a file or lies under one: a store cannot be written there."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "" if path == out else f"{path} "
+                raise DataError(
+                    f"--out {out}: {what}is a file, not a directory; choose another --out"
+                )
+            return
+
+
 def existing_store(out: Path, checksum: str, overwrite: bool) -> bool:
     """True when `out` already holds this source; refuses to clobber another one. Every
     conversion starts here, so it also clears what killed ones left."""
+    check_out(out)
     remove_stale_staging(out)
     if not out.exists():
         return False
-    if not out.is_dir():
-        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
     if not (out / MANIFEST).is_file():
         if any(out.iterdir()):
             raise DataError(f"{out} exists and is not a dataset; choose another --out")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewshot.data.decode import check_image
+from fewshot.data.decode import check_image, check_size
 from fewshot.errors import RequestError
 
 
@@ -20,7 +20,9 @@ def _files(directory: Path) -> list[Path]:
 
 
 def _read(path: Path) -> bytes:
-    """The file's bytes, refused with its name when they are not an image."""
+    """The file's bytes, refused with its name when they are not an image (a file too
+    large to be one is refused unread)."""
+    check_size(path.stat().st_size, str(path))
     data = path.read_bytes()
     check_image(data, str(path))
     return data

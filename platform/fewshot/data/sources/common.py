@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fewshot.data.decode import check_image
+from fewshot.data.decode import check_image, check_size, eight_bit
 from fewshot.data.store import (
     Example,
     SourceInfo,
@@ -121,14 +121,17 @@ def image_files(directory: Path) -> list[Path]:
 
 
 def encoded_file(path: Path) -> bytes:
-    """An image file's bytes: PNG and JPEG as they are, other formats re-encoded to PNG."""
+    """An image file's bytes: PNG and JPEG as they are, other formats re-encoded to an
+    8-bit PNG of the same picture (`eight_bit`: a PNG holds no CMYK, float or 32-bit
+    pixels), which decodes to the pixels the original would."""
+    check_size(path.stat().st_size, str(path))
     data = path.read_bytes()
     check_image(data, str(path))
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         return data
     with Image.open(io.BytesIO(data)) as image:
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        eight_bit(image).save(buffer, format="PNG")
         return buffer.getvalue()
 
 

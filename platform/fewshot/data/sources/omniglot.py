@@ -28,7 +28,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from fewshot.data.decode import check_image
+from fewshot.data.decode import check_image, check_size, read_limited
 from fewshot.data.store import (
     MANIFEST,
     Example,
@@ -66,17 +66,25 @@ def read_zip(zip_path: Path) -> list[Example]:
         raise DataError(f"{zip_path} does not exist; pass --from-zip PATH to an Omniglot zip")
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            drawings = [
+                (path, member)
+                for member in sorted(archive.infolist(), key=lambda m: m.filename)
+                if (path := PurePosixPath(member.filename)).suffix.lower() == ".png"
+                and len(path.parts) >= 3
+            ]
+            # Declared sizes before anything is inflated (the CRC check inflates it all).
+            for _, member in drawings:
+                check_size(member.file_size, f"{zip_path}:{member.filename}")
             broken = archive.testzip()
             if broken is not None:
                 raise DataError(f"{zip_path}: {broken} fails its CRC check; download it again")
             examples = []
-            for member in sorted(archive.namelist()):
-                path = PurePosixPath(member)
-                if path.suffix.lower() != ".png" or len(path.parts) < 3:
-                    continue
+            for path, member in drawings:
+                where = f"{zip_path}:{member.filename}"
+                with archive.open(member) as handle:  # its header may understate its size
+                    data = read_limited(handle, where)
+                check_image(data, where)
                 alphabet, character = path.parts[-3], path.parts[-2]
-                data = archive.read(member)
-                check_image(data, f"{zip_path}:{member}")
                 examples.append(Example(f"{alphabet}/{character}", alphabet, data))
     except (zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{zip_path}: not a readable zip ({exc}); download it again") from None
