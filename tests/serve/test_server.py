@@ -9,14 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from tests.serve.conftest import malformed, memory_mb, send
 
+from fewshot.cli import main
 from fewshot.config import load_config
 from fewshot.errors import RequestError, ServeError
 from fewshot.pipeline import train
@@ -99,20 +99,6 @@ def task(store: Path, n_way: int = 5) -> tuple[dict[str, list[bytes]], list[byte
     return {name: images[:1] for name, images in chosen}, [images[1] for _, images in chosen]
 
 
-def post(port: int, body: bytes, content_type: str) -> tuple[int, str, bytes]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=body,
-        headers={"Content-Type": content_type},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, answer.headers["Content-Type"], answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read()
-
-
 @pytest.mark.cluster
 def test_server_answers_like_the_local_model(served):
     support, queries = task(served.store)
@@ -128,23 +114,15 @@ def test_server_answers_like_the_local_model(served):
 
 @pytest.mark.cluster
 def test_bad_requests_get_4xx_never_500(served):
-    status, kind, body = post(served.port, b'{"inputs": ', "application/json")
-    assert status == 400 and kind == "application/json"
-    assert json.loads(body)["error_code"] == "BAD_REQUEST"
-
-    status, _, _ = post(served.port, b"support,query", "text/plain")
-    assert status == 415  # MLflow answers this one in plain text
-
-    missing = json.dumps({"inputs": {"support_images": [], "support_labels": []}}).encode()
-    status, kind, body = post(served.port, missing, "application/json")
-    assert status == 400 and "query_images" in json.loads(body)["message"]
-
     support, queries = task(served.store, n_way=2)
     body = request_body(support, queries)
+    for case, bad in malformed(body["inputs"]).items():
+        status, answer = send(served.port, "/invocations", bad.body, bad.content_type)
+        assert status == bad.status, (case, answer)
+        assert len(answer["message"]) < 500, case  # the request is not echoed back
+        assert answer.get("limit") == bad.limit or not bad.limit, (case, answer)
+
     body["inputs"]["support_labels"] = ["only one label"]
-    status, kind, answer = post(served.port, json.dumps(body).encode(), "application/json")
-    assert status == 400 and kind == "application/json"
-    assert json.loads(answer)["error_code"] == "INVALID_PARAMETER_VALUE"
     with pytest.raises(RequestError) as caught:
         served.client.invoke(body)
     assert str(caught.value) == (
@@ -177,6 +155,50 @@ def test_serve_refuses_a_taken_port_and_unknown_names_in_one_line(served):
     )
 
 
+NOT_A_PORT = "not a TCP port; pass one from 1 to 65535, e.g. 5001"
+
+
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        (["--ray", "--port", "70000"], f"--port 70000: {NOT_A_PORT}"),
+        (["--ray", "--port", "-1"], f"--port -1: {NOT_A_PORT}"),
+        (["--ray", "--port", "0"], f"--port 0: {NOT_A_PORT}"),
+        (["--port", "0"], f"--port 0: {NOT_A_PORT}"),
+        (["--ray", "--replicas", "0"], "--replicas 0: give a whole number >= 1"),
+        (["--ray", "--replicas", "-1"], "--replicas -1: give a whole number >= 1"),
+        (["--workers", "0"], "--workers 0: give a whole number >= 1"),
+        (["--ray", "--cache-mb", "nan"], "--cache-mb nan: give a finite number > 0"),
+        (["--ray", "--cache-mb=-1"], "--cache-mb -1.0: give a finite number > 0"),
+        (["--ray", "--cache-ttl=-1"], "--cache-ttl -1.0: give a finite number > 0"),
+        (["--ray", "--cache-ttl", "inf"], "--cache-ttl inf: give a finite number > 0"),
+        (["--ray", "--cpus-per-replica", "0"], "--cpus-per-replica 0.0: give a finite number > 0"),
+        (
+            ["--ray", "--host", "no.such.host.invalid"],
+            "--host 'no.such.host.invalid': not an address (Name or service not known); "
+            "pass one of this machine, e.g. 127.0.0.1",
+        ),
+        (
+            ["--host", "192.0.2.1"],  # TEST-NET-1: never an address of this machine
+            "--host '192.0.2.1': not an address of this machine; pass one that is, e.g. 127.0.0.1",
+        ),
+    ],
+)
+def test_a_serve_option_that_cannot_work_is_one_line_before_the_registry_or_ray(
+    options, line, tmp_path, monkeypatch, capsys
+):
+    """Refused before the model is looked up (it does not exist) or Ray starts: nothing
+    is written, neither the tracking store nor a Ray session ($RAY_TMPDIR)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    monkeypatch.setattr(sys, "argv", ["fewshot", "serve", "absent", *options])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert (exited.value.code, capsys.readouterr().err) == (2, f"error: {line}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_serve_has_help():
     helped = subprocess.run(
         [sys.executable, "-m", "fewshot.cli", "serve", "--help"], capture_output=True, text=True
@@ -200,94 +222,36 @@ def test_request_body_and_client_errors(tmp_path):
         nobody.wait_ready(timeout=0.3)
 
 
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
-def limit_answer(port: int, body: bytes, content_type: str | None = "application/json"):
-    """(status, JSON answer) of a POST; http.client adds no Content-Type of its own."""
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        headers = {"Content-Type": content_type} if content_type else {}
-        connection.request("POST", "/invocations", body=body, headers=headers)
-        answer = connection.getresponse()
-        return answer.status, json.loads(answer.read())
-    finally:
-        connection.close()
-
-
 @pytest.mark.cluster
 def test_requests_past_a_limit_are_refused_and_the_server_stays_up(served):
     support, queries = task(served.store)
     before = [a["label"] for a in served.client.predict(support, queries)]
-    good = request_body(support, queries)
-    one_image = good["inputs"]["query_images"][0]
+    cases = malformed(request_body(support, queries)["inputs"])
 
-    def body(**inputs) -> bytes:
-        return json.dumps({"inputs": {**good["inputs"], **inputs}}).encode()
+    def answer(case: str) -> tuple[int, dict]:
+        return send(served.port, "/invocations", cases[case].body, cases[case].content_type)
 
-    status, answer = limit_answer(served.port, body(), content_type=None)
-    assert status == 415 and "send application/json" in answer["message"]
-    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    status, answer = limit_answer(served.port, deep)
-    assert status == 400 and answer["message"] == (
-        "body: JSON nested too deep; send the documented form"
-    )
+    status, refused = answer("no Content-Type")
+    assert status == 415 and "send application/json" in refused["message"]
+    status, refused = answer("JSON nested too deep")
+    assert refused["message"] == "body: JSON nested too deep; send the documented form"
 
     # 10,000 queries (3.5 MB) against the limit of 1,000 images: refused at once, unparsed by
     # MLflow, and the server does not grow.
-    many = body(query_images=[one_image] * 10_000)
-    assert len(many) > 3_000_000
-    grown = rss_mb(served.server_pid)
+    assert len(cases["10,000 queries"].body) > 3_000_000
+    grown = memory_mb(served.server_pid)
     start = time.monotonic()
-    status, answer = limit_answer(served.port, many)
+    status, refused = answer("10,000 queries")
     assert time.monotonic() - start < 1.0
-    assert status == 413 and answer["limit"] == "max_images"
-    assert answer["message"].startswith("10005 images in one request, over the limit of 1000")
-    assert rss_mb(served.server_pid) - grown < 100
+    assert status == 413 and refused["limit"] == "max_images"
+    assert refused["message"].startswith("10005 images in one request, over the limit of 1000")
+    assert memory_mb(served.server_pid) - grown < 100
 
-    # One long string among 200 short ones would be a 785 MB numpy array of padded strings.
-    padded = body(query_images=["x" * 1_000_000] + [one_image] * 199)
-    status, answer = limit_answer(served.port, padded)
-    assert status == 413 and answer["limit"] == "max_array_bytes"
-
-    status, answer = limit_answer(served.port, b"x" * (21 * 2**20))
-    assert status == 413 and answer["limit"] == "max_body_bytes"
-
-    labels = list(good["inputs"]["support_labels"])
-    labels[0] = "L" * 100_000
-    status, answer = limit_answer(served.port, body(support_labels=labels))
-    assert status == 400 and answer["limit"] == "max_label_chars"
-    assert len(json.dumps(answer)) < 1000  # the label is not echoed back
-
-    huge = base64.b64encode(png_declaring(5000, 5000)).decode()
-    status, answer = limit_answer(served.port, body(query_images=[huge]))
-    assert status == 400 and "query_images[0]: not a readable image (5000x5000" in answer["message"]
-    assert "max_pixels" in answer["message"]
-
-    # MLflow's own 400 quotes the request: at most a few hundred characters of it come back.
-    status, answer = limit_answer(served.port, body(support_labels=labels[1:] + ["z"] * 500))
-    assert status == 400 and len(answer["message"]) < 500
+    for case in ("one query of 1 MB among 200", "21 MB body", "a label of 100,000 characters"):
+        status, refused = answer(case)
+        assert (status, refused["limit"]) == (cases[case].status, cases[case].limit), case
+    status, refused = answer("a query declaring 5000x5000 pixels")
+    assert "query_images[0]: not a readable image (5000x5000" in refused["message"]
+    assert "max_pixels" in refused["message"]
 
     assert [a["label"] for a in served.client.predict(support, queries)] == before
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG header declaring width x height grey pixels, with almost no data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-        + chunk(b"IEND", b"")
-    )

@@ -135,7 +135,7 @@ def serve(
         float, typer.Option(help="--ray: seconds an unused support set stays cached.")
     ] = 3600,
     cpus_per_replica: Annotated[
-        float, typer.Option(min=0.1, help="--ray: CPUs per replica (its torch threads).")
+        float, typer.Option(help="--ray: CPUs per replica (its torch threads).")
     ] = 1.0,
 ) -> None:
     """Serve models:/NAME@ALIAS with MLflow's scoring server, or with --ray on Ray Serve.
@@ -147,23 +147,25 @@ def serve(
     or at once with --ray --follow-alias. With --ray, POST /supports caches a support set and
     POST /classify answers queries against its id (README: Registry and serving).
     """
-    if not ray:
-        from fewshot.serve.server import serve as run_server
+    from fewshot.serve.server import Options
 
-        run_server(name, alias, host=host, port=port, workers=workers)
-    from fewshot.serve.ray_app import Scale, run
-
-    run(
-        name,
-        alias,
+    options = Options(
         host=host,
         port=port,
-        scale=Scale(replicas, parse_range(autoscale)),
-        follow_alias=follow_alias,
+        workers=workers,
+        replicas=replicas,
+        autoscale=parse_range(autoscale),
         cache_mb=cache_mb,
         cache_ttl_s=cache_ttl,
         cpus_per_replica=cpus_per_replica,
     )
+    if not ray:
+        from fewshot.serve.server import serve as run_server
+
+        run_server(name, alias, options)
+    from fewshot.serve.ray_app import run
+
+    run(name, alias, options, follow_alias=follow_alias)
 
 
 def parse_range(text: str | None) -> tuple[int, int] | None:

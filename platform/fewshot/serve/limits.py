@@ -6,8 +6,8 @@ server. So every request to `/invocations` passes `check_request` first, in an A
 middleware (`Guard`) in front of MLflow's app, and is refused with a 413 or 400 whose
 JSON names the limit (`"limit": "max_images"`), before it costs more than the body
 itself. Any 4xx answer, ours or MLflow's, quotes at most `QUOTE` characters of the
-request. The Ray Serve path (serve/ray_app.py) calls the same `check_request` on each of
-its routes (`ROUTES`).
+request. The Ray Serve path (serve/ray_app.py) reads each body with the same `read_body`
+and calls the same `check_request` on each of its routes (`ROUTES`).
 
 Each limit is a setting of `fewshot serve` and travels to the server's processes as
 an environment variable (FEWSHOT_SERVE_MAX_IMAGES, ...).
@@ -158,6 +158,28 @@ def too_big(size: int, limits: Limits) -> str:
     )
 
 
+async def read_body(content_length: str | None, receive, limits: Limits) -> bytes:
+    """The body of a request from its ASGI `receive`, read only up to `max_body_bytes`: one
+    declared larger is refused unread, a chunked one as soon as it passes the limit, so what
+    a request holds in memory never depends on what the client sends."""
+    cap = limits.max_body_bytes
+    if content_length and content_length.isdigit() and int(content_length) > cap:
+        raise Refused(413, too_big(int(content_length), limits), "max_body_bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise Refused(413, too_big(size, limits), "max_body_bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
 def shorten_error(body: bytes) -> bytes:
     """A 4xx answer with its `message` (or the whole body) quoting at most QUOTE characters."""
     try:
@@ -185,7 +207,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await self._body(headers, receive)
+            body = await read_body(headers.get(b"content-length"), receive, self.limits)
             check_request(body, headers.get(b"content-type", ""), self.limits)
         except Refused as exc:
             return await self._answer(send, exc.status, exc.body())
@@ -199,26 +221,6 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-    async def _body(self, headers: dict, receive) -> bytes:
-        """The body, read only up to the limit: a larger one is refused unread."""
-        cap = self.limits.max_body_bytes
-        declared = headers.get(b"content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise Refused(413, too_big(int(declared), self.limits), "max_body_bytes")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > cap:
-                raise Refused(413, too_big(size, self.limits), "max_body_bytes")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        return b"".join(chunks)
 
     @staticmethod
     async def _answer(send, status: int, body: bytes) -> None:

@@ -56,8 +56,8 @@ from fewshot.errors import FewShotError, RequestError
 from fewshot.ray_cluster import connect as join_ray
 from fewshot.registry.pyfunc import FewShotModel, answers, decode_base64, input_example
 from fewshot.registry.versions import CHAMPION, alias_version, connect, load
-from fewshot.serve.limits import Limits, Refused, check_request
-from fewshot.serve.server import check_port, resolve
+from fewshot.serve.limits import Limits, Refused, check_request, read_body
+from fewshot.serve.server import Options, resolve
 from fewshot.serve.supports import Entry, SupportCache, support_id
 from fewshot.tracking import tracking_uri
 
@@ -166,7 +166,11 @@ class Replica:
                 return self.answer(loaded, {"name": self.name, "alias": self.alias})
             if request.method != "POST" or route not in HANDLERS:
                 raise Refused(404, f"{request.method} {route}: not a route; see the README")
-            body = await request.body()
+            # Not `request.body()`, which holds the whole body, however large, before it
+            # can be measured.
+            body = await read_body(
+                request.headers.get("content-length"), request.receive, self.limits
+            )
             inputs = check_request(
                 body, request.headers.get("content-type", ""), self.limits, route
             )
@@ -219,8 +223,8 @@ class Replica:
             )
         images = decode_base64(inputs["support_images"], "support_images")
         labels = inputs["support_labels"]
+        support = loaded.model.support_set(images, labels)  # refuses a label count that differs
         key = support_id(images, labels)
-        support = loaded.model.support_set(images, labels)
         entry = Entry(images, list(labels), support.classes)
         entry.prepared[loaded.version] = await self.prepare(loaded, support.x, support.y)
         if entry.size() > self.max_cache_bytes:
@@ -326,16 +330,21 @@ def application(
 def run(
     name: str,
     alias: str = CHAMPION,
+    options: Options = Options(),
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     uri: str | None = None,
-    **settings,
+    follow_alias: bool = False,
 ) -> None:
     """Serve `models:/NAME@alias` on Ray Serve (this machine's Ray, or $RAY_ADDRESS's
-    cluster) until interrupted; `settings` go to `application`."""
+    cluster) until interrupted."""
+    options.check()  # before the registry is asked or Ray starts
+    limits = Limits.from_env()
     version = resolve(name, alias, uri)
-    check_port(host, port)
+    app = application(
+        name, version, alias=alias, uri=uri, scale=Scale(options.replicas, options.autoscale),
+        limits=limits, cache_mb=options.cache_mb, cache_ttl_s=options.cache_ttl_s,
+        follow_alias=follow_alias, cpus_per_replica=options.cpus_per_replica,
+    )  # fmt: skip
     join_ray(None)
     # SIGTERM (a supervisor, `kill`) ends the server as Ctrl-C does: through the cleanup
     # below, so a Ray this process started does not outlive it. Set after Ray starts,
@@ -343,12 +352,13 @@ def run(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     app_name = f"fewshot-{name}"
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": options.host, "port": options.port})
         # Blocks until every replica has loaded and warmed its model.
-        serve.run(application(name, version, alias=alias, uri=uri, **settings), name=app_name)
+        serve.run(app, name=app_name)
         print(
             f"serving {name} version {version} (@{alias}) on Ray Serve at "
-            f"http://{host}:{port}/invocations (/supports, /classify); Ctrl-C stops it",
+            f"http://{options.host}:{options.port}/invocations (/supports, /classify); "
+            "Ctrl-C stops it",
             file=sys.stderr,
             flush=True,
         )

@@ -6,14 +6,18 @@ champion is picked up by starting a server again (see the README for a rollover
 without downtime). The server is MLflow's scoring server app, as `mlflow models serve
 --env-manager local` runs it, but behind `serve.limits.Guard`, which refuses a request
 past a limit before MLflow reads it: uvicorn runs `fewshot.serve.app:app` in this
-environment, the model downloaded once here.
+environment, the model downloaded once here. `Options` are the settings of both
+`fewshot serve` paths, this one and Ray Serve's (serve/ray_app.py).
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -60,38 +64,77 @@ def environment(model_uri: str, limits: Limits, uri: str | None = None) -> dict[
     return {**env, **limits.env()}
 
 
+@dataclass(frozen=True)
+class Options:
+    """How `fewshot serve` listens and, with --ray, scales and caches. Both servers `check`
+    them all before the model is looked up or Ray starts: a value that cannot work is then
+    one line, not a traceback after minutes of start-up, nor a server that starts and
+    refuses every request (a cache of -1 MB) or forgets every support set at once."""
+
+    host: str = "127.0.0.1"
+    port: int = 5001
+    workers: int = 1  # scoring server processes
+    replicas: int = 1  # --ray
+    autoscale: tuple[int, int] | None = None  # --ray: MIN, MAX replicas
+    cache_mb: float = 256  # --ray
+    cache_ttl_s: float = 3600  # --ray
+    cpus_per_replica: float = 1.0  # --ray
+
+    def check(self) -> None:
+        for option, count in (("--workers", self.workers), ("--replicas", self.replicas)):
+            if count < 1:
+                raise ServeError(f"{option} {count}: give a whole number >= 1")
+        amounts = (
+            ("--cache-mb", self.cache_mb),
+            ("--cache-ttl", self.cache_ttl_s),
+            ("--cpus-per-replica", self.cpus_per_replica),
+        )
+        for option, amount in amounts:
+            if not (math.isfinite(amount) and amount > 0):
+                raise ServeError(f"{option} {amount}: give a finite number > 0")
+        check_port(self.host, self.port)
+
+
 def check_port(host: str, port: int) -> None:
-    """Refuse a port that is taken now, rather than after the model has loaded."""
-    with socket.socket() as probe:
+    """Refuse a port that is no TCP port, or that is taken now (rather than after the model
+    has loaded), and a host that is no address of this machine."""
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port {port}: not a TCP port; pass one from 1 to 65535, e.g. 5001")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServeError(
+            f"--host {host!r}: not an address ({exc.strerror}); pass one of this machine, "
+            "e.g. 127.0.0.1"
+        ) from None
+    with socket.socket(family, kind) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ServeError(
+                    f"--host {host!r}: not an address of this machine; pass one that is, "
+                    "e.g. 127.0.0.1"
+                ) from None
             raise ServeError(
                 f"--port {port} on {host}: cannot listen ({exc.strerror}); pass a free --port"
             ) from None
 
 
 def serve(
-    name: str,
-    alias: str = CHAMPION,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 5001,
-    workers: int = 1,
-    uri: str | None = None,
+    name: str, alias: str = CHAMPION, options: Options = Options(), uri: str | None = None
 ) -> NoReturn:
     """Replace this process with the scoring server for `models:/NAME@alias`."""
-    if not 1 <= port <= 65535:
-        raise ServeError(f"--port {port}: not a TCP port; pass one from 1 to 65535, e.g. 5001")
+    options.check()
     limits = Limits.from_env()
     version = resolve(name, alias, uri)
-    check_port(host, port)
     env = environment(f"models:/{name}/{version}", limits, uri)
+    host, port = options.host, options.port
     print(
         f"serving {name} version {version} (@{alias}) at http://{host}:{port}/invocations",
         file=sys.stderr,
         flush=True,
     )
     # exec: signals (Ctrl-C, a supervisor's SIGTERM) reach the server directly.
-    os.execve(sys.executable, command(host, port, workers), env)
+    os.execve(sys.executable, command(host, port, options.workers), env)
