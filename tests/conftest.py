@@ -123,7 +123,7 @@ def local_cluster(nodes: list, head_cpus: float, **env: str):
 
 class JoinedCluster:
     """A running multi-machine cluster that the tests join instead of starting one
-    ($FEWSHOT_TEST_CLUSTER, see the README's "Testing on a real cluster"): its worker
+    ($FEWSHOT_TEST_CLUSTER, see docs/distributed.md, "Testing on a real cluster"): its worker
     nodes carry the custom resources `node_a` and `node_b`. Tests that take a node
     or a worker down by PID skip here (`local` is False): those processes are on other
     machines."""

@@ -134,3 +134,40 @@ def test_readme_architecture_names_every_module():
         if not named:
             missing.append(relative.as_posix())
     assert missing == []
+
+
+def architecture_entries() -> dict[str, str]:
+    """The README's architecture block as top-level name -> its text (the name's line and
+    the indented lines under it)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"^## Architecture\n+```\n(.*?)```", readme, re.S | re.M).group(1)
+    entries: dict[str, str] = {}
+    name = None
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            name, _, line = line.partition(" ")
+            entries[name] = ""
+        entries[name] += line + "\n"
+    return entries
+
+
+def test_readme_architecture_names_every_job_and_nothing_missing():
+    entries = architecture_entries()
+    named = set(re.findall(r"\b(\w+\.py)\b", entries["jobs/"]))
+    on_disk = {p.name for p in (ROOT / "jobs").glob("*.py")}
+    assert sorted(on_disk - named) == []
+    assert sorted(named - on_disk) == []
+    assert (ROOT / "jobs" / "configs").is_dir() and "jobs/configs/" in entries
+
+
+def test_readme_architecture_names_every_test_folder_and_nothing_missing():
+    entries = architecture_entries()
+    named = set(re.findall(r"\b([a-z_]+)/", entries["tests/"])) - {"platform", "fewshot"}
+    on_disk = {p.parent.name for p in (ROOT / "tests").glob("*/test_*.py")}
+    assert sorted(on_disk - named) == []
+    assert sorted(named - on_disk) == []
+
+
+def test_readme_architecture_top_level_entries_exist():
+    missing = [name for name in architecture_entries() if not (ROOT / name).exists()]
+    assert missing == []

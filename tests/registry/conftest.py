@@ -21,7 +21,7 @@ from fewshot.train.runner import train
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Scoring runs in this process: one torch thread, as the runs train with. On the shared
-    2-core machine two busy-waiting threads are several times slower (README, platform)."""
+    2-core machine two busy-waiting threads are several times slower (docs/runtime.md)."""
     torch.set_num_threads(1)  # tests/conftest.py gives the default back afterwards
 
 

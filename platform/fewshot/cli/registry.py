@@ -145,7 +145,7 @@ def serve(
     and the labels as a list of strings; the answer is {"predictions": ...}, one
     {"label", "probabilities"} per query. A newly promoted champion is served after a restart,
     or at once with --ray --follow-alias. With --ray, POST /supports caches a support set and
-    POST /classify answers queries against its id (README: Registry and serving).
+    POST /classify answers queries against its id (docs/serving.md).
     """
     from fewshot.serve.server import Options
 

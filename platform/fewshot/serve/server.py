@@ -2,7 +2,7 @@
 
 The alias is resolved once, at start, and the server is started on that version
 (`models:/NAME/V`), so what it serves is what it printed; a newly promoted
-champion is picked up by starting a server again (see the README for a rollover
+champion is picked up by starting a server again (see docs/serving.md for a rollover
 without downtime). The server is MLflow's scoring server app, as `mlflow models serve
 --env-manager local` runs it, but behind `serve.limits.Guard`, which refuses a request
 past a limit before MLflow reads it: uvicorn runs `fewshot.serve.app:app` in this
