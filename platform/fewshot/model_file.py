@@ -5,7 +5,7 @@
          "channels": image channels the backbone takes,
          "state_dict": the method's weights, on the CPU}
       or, for an ensemble (methods/ensemble.py),
-        {"config": its run's config (the first member's, renamed),
+        {"config": its run's config (the first member's, renamed, registry settings its own),
          "channels": as above, the same for every member,
          "members": [the members' model files]}
 
@@ -33,7 +33,7 @@ from fewshot.errors import CheckpointError
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.methods.ensemble import Ensemble
 from fewshot.run_dir import RunDir
-from fewshot.safety import load_weights
+from fewshot.safety import load_weights, unreadable
 from fewshot.tracking import download_artifact
 
 RAY_STATE = "state.pt"  # the file inside a Ray Train checkpoint directory
@@ -71,10 +71,11 @@ def ensemble_contents(config: Config, members: list[dict], sources: list[str]) -
                 f"{source}: is an ensemble already; give its members instead of it"
             )
     for member, source in zip(members[1:], sources[1:], strict=True):
+        data = config_of(member).data
         for key, value, want in [
             ("channels", member["channels"], first["channels"]),
-            ("data.image_size", member["config"]["data"]["image_size"], config.data.image_size),
-            ("data.path", str(member["config"]["data"]["path"]), str(config.data.path)),
+            ("data.image_size", data.image_size, config.data.image_size),
+            ("data.path", str(data.path), str(config.data.path)),
         ]:
             if value != want:
                 raise CheckpointError(
@@ -85,15 +86,28 @@ def ensemble_contents(config: Config, members: list[dict], sources: list[str]) -
 
 
 def read(path: str | Path, what: str = "a fewshot model file") -> dict:
-    """The model file at `path`, checked to be one."""
+    """The model file at `path`, checked to be one: anything else (a text file, a
+    truncated copy, a checkpoint, a pickle of other data) is one line naming it."""
     model = load_weights(path, what)
-    if not (
-        isinstance(model, dict)
-        and "config" in model
-        and ("state_dict" in model or "members" in model)
-    ):
-        raise CheckpointError(f"{path}: not a fewshot model file; pass runs/NAME/model.pt")
+    problem = not_a_model(model)
+    if problem:
+        raise unreadable(path, what, problem)
     return model
+
+
+def not_a_model(model: object) -> str | None:
+    """What makes `model`, read from a weights file, no model file (None: it is one), so
+    that a wrong file is refused where it is read, not by a KeyError further on."""
+    if not isinstance(model, dict) or not isinstance(model.get("config"), dict):
+        return "weights without a config"
+    if "members" in model:
+        members = model["members"]
+        if not isinstance(members, list) or not members:
+            return "an ensemble without members"
+        return next(filter(None, map(not_a_model, members)), None)
+    if not isinstance(model.get("state_dict"), dict) or not isinstance(model.get("channels"), int):
+        return "a config without channels and weights"
+    return None
 
 
 def config_of(model: dict) -> Config:
@@ -160,7 +174,7 @@ def save_checkpoint(worker_state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return load_weights(path, "a checkpoint (or pass --restart)")
+    return load_weights(path, "a fewshot checkpoint", "use another copy, or --restart")
 
 
 def save_ray_checkpoint(directory: str | Path, worker_state: dict, model: dict) -> None:

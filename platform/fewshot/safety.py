@@ -10,8 +10,8 @@ strings and plain containers, which `weights_only=True` reads.
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +19,48 @@ import torch
 
 from fewshot.errors import CheckpointError
 
+# The global a refused pickle asks for, as torch names it: "Unsupported global: GLOBAL
+# io.open was not an allowed global" or (torch 2.6+, a blocked module) "unsupported GLOBAL
+# posix.system whose module posix is blocked". A dotted name only: a text file whose first
+# byte is "c" (the GLOBAL opcode) makes torch report the rest of its line as a "global".
+GLOBAL = re.compile(r"GLOBAL ((?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*)\s")
+ANOTHER_COPY = "check the path or use another copy"
 
-def load_weights(path: str | Path, what: str = "a fewshot model or checkpoint file") -> Any:
+
+def load_weights(
+    path: str | Path,
+    what: str = "a fewshot model or checkpoint file",
+    fix: str = ANOTHER_COPY,
+) -> Any:
     """`torch.load(path)` that only builds tensors and plain data: a file that asks for
-    anything else, or a truncated or garbage one, is a `CheckpointError` naming it."""
+    anything else, or a truncated, garbage or other kind of file, is a one-line
+    `CheckpointError` naming it, saying it is not `what`, then `fix`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
+        code = GLOBAL.search(str(exc))
+        if code:
             raise CheckpointError(
-                f"{path}: refused, it holds code or objects other than weights; "
+                f"{path}: refused, it asks to run code that is not allowed ({code[1]}); "
                 f"load only {what} that this project wrote"
             ) from None
         reason = "not a pickle of weights"
-    # EOFError: an empty file (click would print only "Aborted."); the others: a truncated
-    # or garbage archive; MemoryError: sizes in a forged header.
-    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, MemoryError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    raise CheckpointError(
-        f"{path}: not a readable weights file ({reason}); it is truncated or corrupt, "
-        f"use another copy of {what}"
+    # Unpickling bytes that are not a pickle of weights raises whatever the unpickler
+    # trips on (KeyError for a text file, IndexError, UnicodeDecodeError, EOFError for an
+    # empty file, RuntimeError for a broken archive, MemoryError for forged sizes...):
+    # each means the same to the user.
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+    raise unreadable(path, what, reason, fix)
+
+
+def unreadable(
+    path: str | Path, what: str, reason: str, fix: str = ANOTHER_COPY
+) -> CheckpointError:
+    """The one line for a file that is not `what`."""
+    return CheckpointError(
+        f"{path}: not {what}, it is truncated, corrupt or of another kind ({reason}); {fix}"
     )
 
 

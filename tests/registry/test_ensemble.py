@@ -6,17 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
+from tests.registry.test_commands import fewshot
 from tests.registry.test_pyfunc import raw_images
 
+from fewshot.config import load_config
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.reader import load_split
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate import evaluate_method
 from fewshot.model_file import from_run, with_settings
-from fewshot.pipeline import ensemble
+from fewshot.pipeline import ensemble, train
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load
 from fewshot.streams import Stream
+from fewshot.train import runner
 
 
 @pytest.mark.slow
@@ -86,3 +90,62 @@ def test_an_ensemble_takes_no_test_time_settings_and_is_no_member(tiny_runs):
         with pytest.raises(CheckpointError, match="is an ensemble already"):
             ensemble([str(s) for s in sources], ["name=ens-nested"])
     assert not (runs.dirs["tiny"].parent / "ens-nested").exists()
+
+
+def member_config(store, tiny: list[str], *settings: str):
+    """A tiny member with the registry settings `make omniglot` gives its members."""
+    return load_config(
+        None,
+        [
+            f"data.path={store}",
+            *tiny,
+            "train.threads=1",
+            "train.precision=fp32",
+            "name=member",
+            "registry.register=true",
+            "registry.name=prod",
+            *settings,
+        ],
+    )
+
+
+def test_an_ensemble_registers_only_when_its_own_command_asks(workdir, synthetic_store, tiny):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    member = train(member_config(synthetic_store, tiny, f"tracking.uri={uri}"))
+    client = MlflowClient(uri)
+    sources = [str(member.run_dir)] * 2
+
+    # The member's registry.register and registry.name are not the ensemble's: `prod`
+    # keeps its one version and its challenger, and nothing else is registered.
+    quiet = ensemble(sources, ["name=ens"])
+    assert not quiet.config.registry.register and quiet.config.registry.name is None
+    assert [m.name for m in client.search_registered_models()] == ["prod"]
+    assert [v.run_id for v in client.search_model_versions("name='prod'")] == [member.run_id]
+    assert client.get_model_version_by_alias("prod", "challenger").run_id == member.run_id
+
+    # Asked on its own command line, it registers under its own name.
+    asked = ensemble(sources, ["name=ens-asked", "registry.register=true"])
+    assert client.get_model_version_by_alias("ens-asked", "challenger").run_id == asked.run_id
+    assert [v.run_id for v in client.search_model_versions("name='prod'")] == [member.run_id]
+
+
+def test_with_tracking_off_an_ensemble_is_saved_and_registering_is_refused_first(
+    workdir, synthetic_store, tiny
+):
+    # Trained as jobs/omniglot.py trains its members (runner.train registers nothing).
+    runner.train(member_config(synthetic_store, tiny, "tracking.enabled=false"))
+
+    result = fewshot("ensemble", "runs/member", "runs/member", "--name", "ens", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "registered" not in result.stdout
+    assert (workdir / "runs" / "ens" / "model.pt").is_file()
+
+    asked = ["--name", "ens-asked", "--set", "registry.register=true"]
+    result = fewshot("ensemble", "runs/member", "runs/member", *asked, cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: registry.register: needs tracking.enabled=true (the registry is MLflow); "
+    ), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (workdir / "runs" / "ens-asked").exists()
+    assert not (workdir / "mlflow.db").exists()

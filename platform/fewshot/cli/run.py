@@ -67,7 +67,8 @@ def ensemble(
 ) -> None:
     """Combine trained models into one (the mean of their log-probabilities), test it on
     the first member's fixed test episodes and log it as a run of its own, which
-    `fewshot register` registers like a trained run (or --set registry.register=true)."""
+    `fewshot register` registers like a trained run (or --set registry.register=true;
+    the members' own registry settings do not carry over)."""
     from fewshot.evaluate import evaluation_row
     from fewshot.pipeline import ensemble as combine
 
