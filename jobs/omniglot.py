@@ -15,8 +15,9 @@ OMNIGLOT_DIR: the folder with images_background_small{1,2}.zip (default:
 after the member's own settings: `train.steps=2000`.
 
 OMNIGLOT_TRAIN_MINUTES (default 40): the training budget, shared equally by the
-members. The job times a few steps of each member first, and on a machine too slow for
-its steps in its share it trains fewer, with the schedule scaled to match
+members; anything but a number of minutes above 0 is refused before anything runs.
+The job times a few steps of each member first, and on a machine too slow for its
+steps in its share it trains fewer, with the schedule scaled to match
 (fewshot/train/budget.py), so the whole job stays under an hour on any CPU. The
 decision is kept in the member's run config, so a resumed run trains to the same step
 count.
@@ -37,8 +38,8 @@ from fewshot.errors import DataError, FewShotError  # noqa: E402
 from fewshot.registry.gate import promote  # noqa: E402
 from fewshot.registry.versions import CHAMPION, alias_version, connect, register  # noqa: E402
 from fewshot.run_dir import RunDir  # noqa: E402
-from fewshot.train.budget import fit_to_budget, scaled_to  # noqa: E402
-from fewshot.train.runner import combine, train  # noqa: E402
+from fewshot.train.budget import budget_minutes, fit_to_budget, scaled_to  # noqa: E402
+from fewshot.train.runner import combine, ensemble_model, train  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "omniglot.yaml"
 MEMBERS = Path(__file__).parent / "configs" / "omniglot_members.yaml"
@@ -69,7 +70,10 @@ def within_budget(config: Config, run_dir: RunDir, minutes: float, console: Cons
 
 def main(overrides: list[str]) -> None:
     console = Console(stderr=True)
+    budget = os.environ.get("OMNIGLOT_TRAIN_MINUTES", "40")
+    minutes = budget_minutes(budget, "OMNIGLOT_TRAIN_MINUTES")  # before any step runs
     members = member_configs(overrides)
+    share = minutes / len(members)
     name = members[0].registry.name or "omniglot"
     source = Path(os.environ.get("OMNIGLOT_DIR", "../shared/datasets/omniglot"))
     zips = [source / f"images_background_small{i}.zip" for i in (1, 2)]
@@ -82,14 +86,13 @@ def main(overrides: list[str]) -> None:
     console.print(f"[bold]1/4[/] dataset: {', '.join(map(str, zips))} -> {members[0].data.path}")
     omniglot.prepare(zips, members[0].data.path)
 
-    minutes = float(os.environ.get("OMNIGLOT_TRAIN_MINUTES", "40")) / len(members)
     for member in members:
         member_dir = RunDir.of(member)
         if member_dir.finished():
             console.print(f"[bold]2/4[/] trained already: {member_dir.model}")
             continue
         console.print(f"[bold]2/4[/] train {member.name} (resumes from its last checkpoint)")
-        train(within_budget(member, member_dir, minutes, console), progress=True)
+        train(within_budget(member, member_dir, share, console), progress=True)
 
     sources = [str(RunDir.of(m).path) for m in members]
     run_dir = RunDir(members[0].train.output_dir / name)
@@ -98,7 +101,8 @@ def main(overrides: list[str]) -> None:
         config = validate(run_dir.saved_config())
     else:
         console.print(f"[bold]3/4[/] combine {', '.join(m.name for m in members)} into {name}")
-        config = combine(sources, [f"name={name}"]).config
+        config, model = ensemble_model(sources, [f"name={name}"])
+        combine(config, model, sources)
 
     client = connect(config.tracking.uri)
     run_id = run_dir.run_id()

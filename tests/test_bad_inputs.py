@@ -151,3 +151,29 @@ def test_cli_mistakes_are_one_line(tmp_path):
         one_line_error(fewshot(*args, cwd=tmp_path), start)
     assert (tmp_path / "file").read_text() == "not a directory"
     assert (tmp_path / "store" / "manifest.json").read_text() == '{"name": "x", "spl'
+
+
+def test_training_mistakes_are_one_line_before_anything_is_written(tmp_path, synthetic_store):
+    (tmp_path / "file").write_text("not a directory")
+    # A store the run could train on, so that the one bad setting is what is refused.
+    store = ["--set", f"data.path={synthetic_store}", "--set", "episode.q_query=3"]
+    cases = [
+        (["--set", "seed=-1"], "seed: must be >= 0 (got -1)"),
+        (["--set", "seed=99999999999999999999"], "seed: must be <= 4294967295"),
+        ([*store, "--set", "train.output_dir=file"], "train.output_dir: file is a file"),
+        (
+            [*store, "--set", "train.threads=1000"],
+            "train.threads: 1000 but this process may use",
+        ),
+        (
+            ["--set", "registry.register=true", "--set", "registry.name=.."],
+            "registry.name: use 1 to 100 letters, digits, _, - and ., not starting with .",
+        ),
+    ]
+    for args, start in cases:
+        one_line_error(fewshot("train", *args, cwd=tmp_path), start)
+    # `fewshot register` takes a model name by the same rule as registry.name.
+    register = fewshot("register", "--run", "0" * 32, "--name", ".", cwd=tmp_path)
+    one_line_error(register, "model name '.': use 1 to 100 letters, digits, _, - and .")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no runs/, no mlflow.db
+    assert (tmp_path / "file").read_text() == "not a directory"

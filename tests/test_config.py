@@ -41,6 +41,16 @@ def test_yaml_then_overrides(tmp_path: Path):
         ("train.schedule=multistep", "train.milestones: the multistep schedule needs"),
         ("distributed.use_gpu=true", "train.device: cpu with distributed.use_gpu"),
         ("distributed.workers=2", "train.device: cuda but Ray workers get no GPU"),
+        # Every number is finite: lr=inf trained a model of NaNs and exited 0.
+        ("train.lr=inf", "train.lr: input should be a finite number (got 'inf')"),
+        ("train.lr=.nan", "train.lr: input should be a finite number (got nan)"),
+        ("method.temperature=.inf", "method.temperature: input should be a finite number"),
+        ("seed=-1", "seed: must be >= 0 (got -1)"),
+        ("seed=99999999999999999999", "seed: must be <= 4294967295 (got 99999999999999999999)"),
+        ("evaluate.seed=-1", "evaluate.seed: must be >= 0 (got -1)"),
+        # Refused before training, not by MLflow after the whole run.
+        ("registry.name=..", "registry.name: use 1 to 100 letters, digits, _, - and ., not "),
+        ("registry.name=.", "registry.name: use 1 to 100 letters, digits, _, - and ., not "),
     ],
 )
 def test_bad_values_name_their_path(override, message):
@@ -74,3 +84,8 @@ def test_resolved_yaml_round_trips_and_hash_tracks_changes(tmp_path: Path):
     assert config_hash(load_config(None, ["method.name=maml", "train.steps=8"])) != config_hash(
         config
     )
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    config = load_config(None, ["seed=4294967295", "registry.name=my-model.v2", "train.lr=1e-9"])
+    assert (config.seed, config.registry.name) == (4294967295, "my-model.v2")

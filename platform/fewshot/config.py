@@ -34,29 +34,38 @@ from pydantic_core import PydanticCustomError
 from fewshot.errors import ConfigError
 from fewshot.methods import MethodParams, method_class
 
+# The one rule for the names of runs, searches and registered models. `.` or `..` would
+# make output_dir/NAME the output directory or its parent, which --restart deletes, and
+# MLflow refuses them as model names (after the whole training run); a long name fails
+# deep inside the file system or MLflow.
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+NAME_RULE = "use 1 to 100 letters, digits, _, - and ., not starting with ."
 
 
-def _directory_name(value: str) -> str:
-    # `.` or `..` would make output_dir/NAME the output directory or its parent, which
-    # --restart deletes; a long name fails deep inside the file system or MLflow.
-    if not RUN_NAME.fullmatch(value):
-        raise PydanticCustomError(
-            "run_name",
-            "use 1 to 100 letters, digits, _, - and ., not starting with . "
-            "(it names the run's directory)",
-        )
-    return value
+def _name(purpose: str) -> AfterValidator:
+    """A validator of RUN_NAME whose message says what the name is for."""
+
+    def check(value: str) -> str:
+        if not RUN_NAME.fullmatch(value):
+            raise PydanticCustomError("name", f"{NAME_RULE} ({purpose})")
+        return value
+
+    return AfterValidator(check)
 
 
 # The name of a run or a search: a directory under train.output_dir, and Ray's.
-RunName = Annotated[str, AfterValidator(_directory_name)]
+RunName = Annotated[str, _name("it names the run's directory")]
+ModelName = Annotated[str, _name("it names the model in models:/NAME@alias")]
+# numpy's SeedSequence takes no negative seed, and a seed above 2**32 - 1 says nothing
+# more: one range for every seed, refused at validation rather than deep in training.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, not silently ignored."""
+    """A config section: unknown keys are errors, not silently ignored, and no number is
+    inf or nan (`train.lr=inf` would train a model of NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -204,7 +213,8 @@ class TrainConfig(Section):
     # bf16 on a CPU without native bf16 is 7-8x slower than fp32 and refused unless this
     # says it is meant (tests of that path).
     allow_slow_precision: bool = False
-    # torch intra-op threads; None: the CPUs this process is given (a Ray worker's share)
+    # torch intra-op threads; None: the CPUs this process is given (a Ray worker's share).
+    # More than the CPUs it may run on is refused where the run starts (runtime.py).
     threads: int | None = Field(None, ge=1)
     output_dir: Path = Path("runs")
 
@@ -217,7 +227,7 @@ class EvaluateConfig(Section):
     k_shot: int | None = Field(None, ge=1)
     q_query: int | None = Field(None, ge=1)
     within_group: bool | None = None
-    seed: int = 0  # separate from the run's seed so every method sees the same episodes
+    seed: Seed = 0  # separate from the run's seed so every method sees the same episodes
     # Transductive inference: classify an episode's queries together, each prototype
     # refined with the queries it likely holds (ProtoNet, `predict_transductive`). Off by
     # default and never a headline figure: people and the published anchors classify
@@ -239,7 +249,7 @@ with warnings.catch_warnings():
         """The model registry: registration after training, and the promotion gate."""
 
         register: bool = False  # register the trained model (alias `challenger`) after training
-        name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # registered; None: run name
+        name: ModelName | None = None  # registered; None: the run's name
         # The gate promotes a challenger only if its accuracy beats the champion's by more
         # than `margin` (absolute, 0.01 = one point) at this one-sided confidence.
         margin: float = Field(0.0, ge=0, lt=1)
@@ -286,7 +296,7 @@ class DistributedConfig(Section):
 
 class Config(Section):
     name: RunName = "run"
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     episode: EpisodeConfig = EpisodeConfig()
     backbone: BackboneConfig = BackboneConfig()

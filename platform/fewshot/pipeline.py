@@ -14,8 +14,7 @@ from fewshot.train.runner import RunResult
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
     """`runner.train`; with `registry.register`, the model is then registered as a new
     version of `registry.name` (default: the run's name), alias `challenger`."""
-    if config.registry.register and not config.tracking.enabled:
-        raise ConfigError("registry.register: needs tracking.enabled=true (the registry is MLflow)")
+    check_registrable(config)
     result = runner.train(config, restart=restart, progress=progress)
     registered(result)
     return result
@@ -23,10 +22,23 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
 
 def ensemble(sources: list[str], overrides: list[str], *, restart: bool = False) -> RunResult:
     """`runner.combine` (the trained models at `sources` as one model, tested); registered
-    like a trained run's when its config (the first member's with `overrides`) asks."""
-    result = runner.combine(sources, overrides, restart=restart)
+    like a trained run's when `overrides` ask (`registry.register=true`): a member's own
+    registration settings are not the ensemble's (`runner.ensemble_model`)."""
+    config, model = runner.ensemble_model(sources, overrides)
+    check_registrable(config)
+    result = runner.combine(config, model, sources, restart=restart)
     registered(result)
     return result
+
+
+def check_registrable(config: Config) -> None:
+    """Refuse, before anything is written, a run that asks to be registered but would
+    have no MLflow run to register."""
+    if config.registry.register and not config.tracking.enabled:
+        raise ConfigError(
+            "registry.register: needs tracking.enabled=true (the registry is MLflow); "
+            "set tracking.enabled=true or registry.register=false"
+        )
 
 
 def registered(result: RunResult) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.config import Config, read_yaml, resolved_yaml
-from fewshot.errors import CheckpointError
+from fewshot.errors import CheckpointError, ConfigError
 from fewshot.safety import remove_inside
 
 
@@ -64,7 +64,14 @@ class RunDir:
     def start(self, config: Config, restart: bool, root: Path) -> None:
         """Make the directory of a training run of `config`: empty it first with `restart`
         (only inside `root`); refuse a directory that holds another config's run or a
-        finished one."""
+        finished one, or a path through a file."""
+        # Checked before anything is deleted or written: mkdir would fail with a traceback.
+        blocking = [p for p in (*reversed(self.path.parents), self.path) if p.is_file()]
+        if blocking:
+            raise ConfigError(
+                f"train.output_dir: {blocking[0]} is a file, not a directory; set "
+                f"train.output_dir to a directory (this run goes to {self.path})"
+            )
         if restart:
             remove_inside(self.path, root)
         if self.config_file.is_file() and self.config_file.read_text() != resolved_yaml(config):

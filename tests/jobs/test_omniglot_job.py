@@ -13,7 +13,7 @@ from fewshot.model_file import from_run
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "omniglot.py"
 
 
-def run_job(workdir: Path, store: Path, zips) -> subprocess.CompletedProcess:
+def run_job(workdir: Path, store: Path, zips, **env: str) -> subprocess.CompletedProcess:
     overrides = [
         f"data.path={store}",  # prepared already: the job's prepare step is a no-op
         f"train.output_dir={workdir / 'runs'}",
@@ -26,7 +26,7 @@ def run_job(workdir: Path, store: Path, zips) -> subprocess.CompletedProcess:
         "evaluate.episodes=4",
         "method.test_views=2",
     ]
-    env = {"OMNIGLOT_DIR": str(zips[0].parent), "PATH": "/usr/bin:/bin"}
+    env = {"OMNIGLOT_DIR": str(zips[0].parent), "PATH": "/usr/bin:/bin", **env}
     return subprocess.run(
         [sys.executable, str(JOB), *overrides],
         cwd=workdir,
@@ -71,3 +71,13 @@ def test_a_missing_zip_is_one_line_and_nothing_is_trained(workdir, omniglot_stor
         result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     )
     assert not (workdir / "runs").exists()
+
+
+def test_a_budget_that_is_not_minutes_is_one_line_and_nothing_runs(workdir, omniglot_zips):
+    result = run_job(workdir, workdir / "store", omniglot_zips, OMNIGLOT_TRAIN_MINUTES="abc")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: OMNIGLOT_TRAIN_MINUTES='abc': give the training budget as a number of minutes "
+        "above 0, e.g. 40\n"
+    )
+    assert list(workdir.iterdir()) == []  # no store prepared, no run, no MLflow store

@@ -54,7 +54,7 @@ def test_promote_job_entrypoint_runs_the_command():
     ("args", "message"),
     [
         (["register", "--run", "nope", "--name", "m"], "error: run nope: no such MLflow run"),
-        (["register", "--run", "r", "--name", "a/b"], "error: model name 'a/b': use only letters"),
+        (["register", "--run", "r", "--name", "a/b"], "error: model name 'a/b': use 1 to 100"),
         (["promote", "absent"], "error: registered model 'absent' does not exist"),
         (["models", "list", "absent"], "error: registered model 'absent' does not exist"),
         (

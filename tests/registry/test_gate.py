@@ -120,7 +120,7 @@ def options(tiny_runs) -> str:
     ("kwargs", "message"),
     [
         ({"name": "absent"}, "registered model 'absent' does not exist"),
-        ({"name": "bad/name"}, "model name 'bad/name': use only letters"),
+        ({"name": "bad/name"}, "model name 'bad/name': use 1 to 100 letters"),
         ({"version": "9"}, "options has no version '9'"),
         ({"force": " "}, "--force needs a reason"),
         ({"confidence": 1.5}, "--confidence 1.5: use a value in [0.5, 1)"),

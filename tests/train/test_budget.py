@@ -1,6 +1,9 @@
 """A run fitted to a time budget (train/budget.py): the rule, and the measured speed."""
 
-from fewshot.train.budget import fit_to_budget, scaled_to, steps_per_second
+import pytest
+
+from fewshot.errors import ConfigError
+from fewshot.train.budget import budget_minutes, fit_to_budget, scaled_to, steps_per_second
 
 
 def recipe(tiny_config):
@@ -44,3 +47,24 @@ def test_the_speed_is_measured_on_the_runs_own_steps(tiny_config):
     one_task = steps_per_second(tiny_config("episode.meta_batch=1"))
     eight_tasks = steps_per_second(tiny_config("episode.meta_batch=8"))
     assert one_task > 1.5 * eight_tasks  # eight times the work per step
+
+
+@pytest.mark.parametrize("text", ["abc", "", "nan", "inf", "-5", "0"])
+def test_a_budget_that_is_not_minutes_above_zero_is_one_line(text):
+    with pytest.raises(ConfigError) as refused:
+        budget_minutes(text, "OMNIGLOT_TRAIN_MINUTES")
+    assert str(refused.value) == (
+        f"OMNIGLOT_TRAIN_MINUTES={text!r}: give the training budget as a number of minutes "
+        "above 0, e.g. 40"
+    )
+
+
+def test_a_budget_of_minutes_is_read_as_a_number():
+    assert budget_minutes(" 12.5 ") == 12.5
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0, float("nan")])
+def test_no_budget_is_scaled_to_a_hundred_steps(tiny_config, minutes):
+    # Before, any of these trained 100 steps, and the job promoted the result.
+    with pytest.raises(ConfigError, match=r"^minutes=.*: give the training budget as a number"):
+        fit_to_budget(recipe(tiny_config), minutes=minutes, speed=26.0)

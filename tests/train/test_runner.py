@@ -9,6 +9,7 @@ from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import evaluate_method, mean_ci
 from fewshot.model_file import from_run
 from fewshot.registry.versions import current
+from fewshot.runtime import usable_cpus
 from fewshot.train.runner import train
 
 
@@ -131,7 +132,7 @@ def test_a_truncated_checkpoint_is_one_line_and_kept(workdir, synthetic_store):
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(resolved_yaml(cfg))
     (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    with pytest.raises(CheckpointError, match="checkpoint.pt: not a readable weights file"):
+    with pytest.raises(CheckpointError, match="checkpoint.pt: not a fewshot checkpoint, it is"):
         train(cfg)
     assert (run_dir / "checkpoint.pt").is_file()
 
@@ -147,3 +148,22 @@ def test_a_count_of_episodes_below_one_is_refused_not_replaced(synthetic_store, 
         evaluate_method(build_method(cfg, 1), cfg, episodes)
     with pytest.raises(ConfigError, match=message):  # what `fewshot promote --episodes` sets
         GateEpisodes.of(cfg, None, None, episodes)
+
+
+@pytest.mark.parametrize("file", ["runs", "runs/unit"])
+def test_an_output_dir_through_a_file_is_one_line_and_nothing_is_written(
+    workdir, synthetic_store, file
+):
+    (workdir / file).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / file).write_text("a file")
+    with pytest.raises(ConfigError, match=f"^train.output_dir: {file} is a file, not a directory"):
+        train(config(synthetic_store, "train.output_dir=runs"), restart=True)
+    assert (workdir / file).read_text() == "a file"
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_more_threads_than_cpus_are_refused_before_the_run_starts(workdir, synthetic_store):
+    cpus = usable_cpus()
+    with pytest.raises(ConfigError, match=f"^train.threads: {cpus + 1} but this process may"):
+        train(config(synthetic_store, f"train.threads={cpus + 1}"))
+    assert list(workdir.iterdir()) == []  # no run directory, no MLflow store

@@ -129,6 +129,16 @@ def test_threads_follow_the_cpus_a_ray_worker_is_given():
     assert torch.get_num_threads() == 1
 
 
+def test_more_threads_than_the_cpus_it_may_use_are_refused_where_the_runtime_is_applied():
+    cpus = runtime.usable_cpus()
+    before = torch.get_num_threads()
+    message = f"^train.threads: {cpus + 1} but this process may use {cpus} CPUs here; set at most"
+    with pytest.raises(ConfigError, match=message):
+        Runtime.of(train_section(f"train.threads={cpus + 1}"))
+    assert torch.get_num_threads() == before  # refused before the setting was applied
+    assert Runtime.of(train_section(f"train.threads={cpus}")).threads == cpus
+
+
 def test_the_choice_is_logged_as_run_params(workdir, synthetic_store, cache):
     config = load_config(
         None,

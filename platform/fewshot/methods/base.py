@@ -21,9 +21,10 @@ from fewshot.models.backbones import Backbone
 
 
 class MethodParams(BaseModel):
-    """A method's own settings (the keys under `method:` besides `name`)."""
+    """A method's own settings (the keys under `method:` besides `name`); as in every
+    config section, no number is inf or nan."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -14,7 +14,6 @@ The promotion gate adds its `gate.*` tags (see `gate.py`).
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fewshot import model_file
-from fewshot.config import Config
+from fewshot.config import NAME_RULE, RUN_NAME, Config
 from fewshot.errors import RegistryError
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import FewShotModel, load_model, log_model
@@ -41,8 +40,6 @@ RUN_TAGS = (
     "fewshot.config_hash",
     "git.commit",
 )
-# Letters, digits, _ . - only: the name goes into `models:/NAME@alias` URIs and filters.
-NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def connect(uri: str | None = None) -> MlflowClient:
@@ -85,8 +82,10 @@ def load(model_uri: str, uri: str | None = None) -> FewShotModel:
 
 
 def check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise RegistryError(f"model name {name!r}: use only letters, digits, '_', '.' and '-'")
+    """The run-name rule (config.RUN_NAME), the one `registry.name` is validated with: the
+    name goes into `models:/NAME@alias` URIs and filters, and MLflow refuses `.` and `..`."""
+    if not RUN_NAME.fullmatch(name):
+        raise RegistryError(f"model name {name!r}: {NAME_RULE}")
 
 
 def register(

@@ -14,14 +14,18 @@ fast the machine is before it runs: the same recipe trains at about 26 steps/s o
    at the same fractions of training.
 
 The steps used are the run's `train.steps` (logged with its config) and are printed.
+A budget that is not a finite number of minutes above 0 (`abc`, empty, `nan`, `-5`) is
+refused in one line (`budget_minutes`), not turned into 100 steps.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 from fewshot.config import Config, as_dict, validate
+from fewshot.errors import ConfigError
 from fewshot.train.loop import Worker
 
 WARMUP_STEPS = 5
@@ -37,6 +41,20 @@ def steps_per_second(config: Config) -> float:
     for _ in range(TIMED_STEPS):
         worker.train_step()
     return TIMED_STEPS / (time.perf_counter() - started)
+
+
+def budget_minutes(value: str | float, source: str = "minutes") -> float:
+    """`value`, a number or its text (an environment variable's), as a training budget in
+    minutes: a finite number above 0, else a one-line ConfigError naming `source`."""
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = math.nan
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise ConfigError(
+            f"{source}={value!r}: give the training budget as a number of minutes above 0, e.g. 40"
+        )
+    return minutes
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ def scaled_to(config: Config, steps: int) -> Config:
 def fit_to_budget(config: Config, minutes: float, speed: float | None = None) -> Budget:
     """`config`, or `config` scaled to the steps that fit in `minutes` at `speed` steps/s
     (measured here when not given)."""
+    minutes = budget_minutes(minutes)
     speed = speed or steps_per_second(config)
     wanted = config.train.steps
     fit = int(minutes * 60 * speed) // 100 * 100

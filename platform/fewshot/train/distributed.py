@@ -302,7 +302,8 @@ def fit_on_ray(
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
-        raise FewShotError(failure_line(config, error, nodes)) from error
+        mistake = worker_mistake(error)
+        raise mistake or FewShotError(failure_line(config, error, nodes)) from error
     finally:
         # Ray Train leaves its Ctrl+C handler installed, and the handler holds the run's
         # controller, whose config holds `data`: the data would stay in the object store
@@ -313,6 +314,17 @@ def fit_on_ray(
     with result.checkpoint.as_directory() as directory:
         state = model_file.load_ray_checkpoint(directory)
     return state.model, dict(result.metrics)
+
+
+def worker_mistake(error: Exception) -> FewShotError | None:
+    """The one-line error that workers raised (a run that diverged, `train.threads` above
+    a node's CPUs), as they raised it; None when the run failed for another reason."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        # Ray wraps what a worker raised, to carry its traceback as text.
+        raised = getattr(failure, "_base_exc", failure)
+        if isinstance(raised, FewShotError):
+            return raised
+    return None
 
 
 # Ray's own resources; any other key a node offers is a label its operator gave it.

@@ -9,11 +9,18 @@ Everything random in a step is derived from (seed, step, task): episodes from
 the sampler's key, and torch's generator reseeded per step for anything else.
 A checkpoint therefore needs only weights, optimiser, scheduler and the step
 number to continue exactly as an unbroken run would.
+
+A run that diverges stops with one line (a ConfigError naming the step and the
+learning rate) instead of training on to a model of NaNs: the step's loss, summed in
+the all-reduce it already makes, must be finite before the optimiser steps, and the
+weights must be finite before each round validates and checkpoints them (one check
+per round, not per step). So no checkpoint and no model file holds a NaN.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +33,7 @@ from fewshot.augment.images import training_jitter
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
+from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.methods.hard_tasks import HardTasks, failure_class
@@ -194,11 +202,35 @@ class Worker:
         names = sorted(sums)
         extras = torch.cat([torch.stack([sums[n] for n in names]), failures])
         summed = all_reduce_gradients(self.params, extras, comm).tolist()
+        # Every rank holds the same sums, so all stop together (none waits in an all-reduce).
+        loss = summed[names.index("loss")]
+        if not math.isfinite(loss):
+            raise self.diverged(f"the training loss is {loss}", self.step + 1)
         if self.config.train.grad_clip:
             nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
         self.optimizer.step()
         metrics = {n: value / count for n, value in zip(names, summed[: len(names)], strict=True)}
         return metrics, [int(c) for c in summed[len(names) :]]
+
+    def diverged(self, what: str, step: int) -> ConfigError:
+        """The one line of a run stopped by a non-finite loss or weights at `step` (counted
+        from 1, as logged; 0: after pre-training)."""
+        pre = step == 0
+        setting = "pretrain.lr" if pre else "train.lr"
+        lr = self.config.pretrain.lr if pre else self.config.train.lr
+        where = "the end of pre-training" if pre else f"step {step}"
+        return ConfigError(
+            f"{setting}: {what} at {where}, so training stopped: it diverged, likely from too "
+            f"high a learning rate ({setting} = {lr:g}); lower it or set train.grad_clip, and "
+            "train again with --restart (nothing non-finite was saved)"
+        )
+
+    @torch.no_grad()
+    def check_weights(self) -> None:
+        """Refuse weights (and buffers: batch-norm statistics) that are not all finite."""
+        state = [t for t in self.method.state_dict().values() if t.is_floating_point()]
+        if not bool(torch.stack([t.isfinite().all() for t in state]).all()):
+            raise self.diverged("the weights are not finite", self.step)
 
     @torch.no_grad()
     def recluster(self) -> None:
@@ -280,9 +312,14 @@ def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
     `log_every`, validate and checkpoint every `eval_every` (and at the end) through
     the hooks."""
     t = worker.config.train
+
+    def end_round(metrics: dict[str, float]) -> None:
+        worker.check_weights()  # before they are validated and checkpointed
+        on_round(worker, {"val_acc": worker.validate(), **metrics})
+
     if worker.needs_pretraining():
         worker.pretrain(on_log)
-        on_round(worker, {"val_acc": worker.validate()})  # checkpoint the pre-trained backbone
+        end_round({})  # checkpoint the pre-trained backbone
     window: dict[str, list[float]] = {}
     round_start, round_first_step = time.perf_counter(), worker.step
     while worker.step < t.steps:
@@ -296,6 +333,5 @@ def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
             # Training throughput of the round (all workers' episodes), before validation.
             seconds = time.perf_counter() - round_start
             episodes = (step - round_first_step) * worker.config.episode.meta_batch
-            metrics = {"val_acc": worker.validate(), "train_episodes_per_s": episodes / seconds}
-            on_round(worker, metrics)
+            end_round({"train_episodes_per_s": episodes / seconds})
             round_start, round_first_step = time.perf_counter(), worker.step

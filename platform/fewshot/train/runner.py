@@ -9,6 +9,7 @@ same MLflow run, the same episodes from the step after the last checkpoint.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fewshot.data.reader import require_splits
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
 from fewshot.run_dir import RunDir
+from fewshot.runtime import check_threads
 from fewshot.safety import remove_inside
 from fewshot.tracking import Tracker, tracked_run
 from fewshot.train.distributed import fit_on_ray, storage_path
@@ -92,6 +94,8 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
     d = config.data
     require_splits(d.path, [*d.train_split, *([d.val_split] if d.val_split else [])])
     check_test_split(config)
+    if not config.distributed.workers:  # Ray workers check their own machine's CPUs
+        check_threads(config.train.threads)
     run_dir = RunDir.of(config)
     fresh = not run_dir.path.exists() or restart
     run_dir.start(config, restart, config.train.output_dir)
@@ -118,23 +122,38 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
     )
 
 
-def combine(sources: list[str], overrides: list[str], *, restart: bool = False) -> RunResult:
-    """An ensemble run: the trained models at `sources` (run directories, model files or
-    MLflow run ids; at least 2) combined into one model (methods/ensemble.py), tested on
-    the fixed test episodes and saved like a trained run's, with nothing trained. Its
-    config is the first member's with `overrides` (`name=...` at least) applied; the
-    sources are tagged on its MLflow run (`fewshot.ensemble`)."""
+REGISTRATION = ("register", "name")  # a member's registry settings its ensemble drops
+
+
+def ensemble_model(sources: list[str], overrides: list[str]) -> tuple[Config, dict]:
+    """The config and model file of an ensemble of the trained models at `sources` (run
+    directories, model files or MLflow run ids; at least 2), read and checked, with
+    nothing written. Its config is the first member's without its registration settings
+    (`registry.register`, `registry.name`), then `overrides` (`name=...` at least):
+    registering is for the ensemble's own command to ask, or a member trained with
+    `registry.register` would make every ensemble of it a new version of the member's
+    model. The gate's settings (`registry.margin`, `.confidence`) are kept."""
     if len(sources) < 2:
         raise ConfigError(f"ensemble of {len(sources)} model(s): give at least 2 members")
-    first = model_file.read(model_file.locate(sources[0]))
-    config = validate(apply_overrides(first["config"], overrides))
-    members = [first, *(model_file.read(model_file.locate(s)) for s in sources[1:])]
-    model = model_file.ensemble_contents(config, members, sources)
+    members = [model_file.read(model_file.locate(s)) for s in sources]
+    # A copy: the first member's config is saved in the ensemble's model file as it was.
+    raw = copy.deepcopy(members[0]["config"])
+    for key in REGISTRATION:
+        raw.get("registry", {}).pop(key, None)
+    config = validate(apply_overrides(raw, overrides))
+    return config, model_file.ensemble_contents(config, members, sources)
+
+
+def combine(config: Config, model: dict, sources: list[str], *, restart: bool = False) -> RunResult:
+    """An ensemble run: the model file `model` of the members at `sources`, under
+    `config` (both from `ensemble_model`), tested on the fixed test episodes and saved
+    like a trained run's, with nothing trained; the sources are tagged on its MLflow run
+    (`fewshot.ensemble`)."""
     check_test_split(config)
     run_dir = RunDir.of(config)
     run_dir.start(config, restart, config.train.output_dir)
     tags = {
-        "fewshot.method": f"ensemble of {len(members)}: {config.method.name}",
+        "fewshot.method": f"ensemble of {len(sources)}: {config.method.name}",
         "fewshot.ensemble": ", ".join(sources),
     }
     try:
