@@ -1,6 +1,6 @@
 """`make omniglot`, or `ray job submit --working-dir . -- python jobs/omniglot.py`:
 the headline model. Prepares Omniglot's two small background sets, trains the members
-of jobs/configs/omniglot_members.yaml (the recipe jobs/configs/omniglot.yaml, each with
+of jobs/configs/train/omniglot_members.yaml (the recipe jobs/configs/train/omniglot.yaml, each with
 its own settings) on both, combines them into one model (runs/omniglot: an ensemble,
 the mean of their log-probabilities), registers it and promotes it to
 models:/omniglot@champion in the working directory's tracking store (or
@@ -41,8 +41,8 @@ from fewshot.run_dir import RunDir  # noqa: E402
 from fewshot.train.budget import budget_minutes, fit_to_budget, scaled_to  # noqa: E402
 from fewshot.train.runner import combine, ensemble_model, train  # noqa: E402
 
-CONFIG = Path(__file__).parent / "configs" / "omniglot.yaml"
-MEMBERS = Path(__file__).parent / "configs" / "omniglot_members.yaml"
+CONFIG = Path(__file__).parent / "configs" / "train" / "omniglot.yaml"
+MEMBERS = Path(__file__).parent / "configs" / "train" / "omniglot_members.yaml"
 
 
 def member_configs(overrides: list[str]) -> list[Config]:

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/X.yaml`"""
+"""`ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train/X.yaml`"""
 
 from _entry import run
 

@@ -28,7 +28,7 @@ from fewshot.config import load_config
 from fewshot.train.runner import train
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "train"
 SHORT = ["episode.q_query=5", "evaluate.q_query=15"]
 
 

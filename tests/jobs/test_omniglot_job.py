@@ -50,7 +50,7 @@ def test_the_job_trains_on_both_sets_promotes_once_and_is_idempotent(
     assert "train 2/2" in first.stderr  # progress lines when not on a terminal
     config = (workdir / "runs" / "omniglot" / "config.yaml").read_text()
     assert "- small1\n  - small2" in config and "rotations: true" in config
-    # The champion is one model of the two members of jobs/configs/omniglot_members.yaml.
+    # The champion is one model of the two members of jobs/configs/train/omniglot_members.yaml.
     _, model = from_run(workdir / "runs" / "omniglot")
     assert isinstance(model, Ensemble) and len(model.members) == 2
     members = [from_run(workdir / "runs" / n)[0] for n in ("omniglot-stroke", "omniglot-40way")]

@@ -99,7 +99,7 @@ def test_transductive_prediction_scores_queries_against_the_refined_prototypes(m
 def test_transductive_inference_is_off_unless_asked_and_refused_where_unsupported():
     assert EvaluateConfig().transductive is False
     configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-    assert load_config(configs / "omniglot.yaml").evaluate.transductive is False
+    assert load_config(configs / "train" / "omniglot.yaml").evaluate.transductive is False
     with pytest.raises(ConfigError, match=r"^evaluate\.transductive: maml .*=false"):
         load_config(None, ["method.name=maml", "evaluate.transductive=true"])
 

@@ -220,10 +220,10 @@ def test_a_started_search_is_not_started_again(tmp_path, monkeypatch):
         run_search(other, resume="search")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("tune_*.yaml")))
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs" / "tune").glob("*.yaml")))
 def test_ready_made_tune_files_are_valid(path):
     spec = read_tune_file(path)
-    assert spec.name == path.stem
+    assert spec.name == f"tune_{path.stem}"  # the search is named for what it tunes
     assert spec.base["data"]["val_groups"] == 1 and spec.base["data"]["val_split"] is None
     assert spec.base["data"]["test_split"] == "small2"
     assert spec.max_rounds >= 2 and spec.trials() >= 8

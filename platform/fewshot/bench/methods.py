@@ -1,7 +1,7 @@
 """`fewshot bench methods`: every method and ablation with one budget, tested on the
 same fixed episodes.
 
-A bench file (jobs/configs/bench_methods.yaml) holds `base`, a config every row starts
+A bench file (jobs/configs/bench/methods.yaml) holds `base`, a config every row starts
 from; `tasks`, the test settings ([n_way, k_shot] pairs); and `rows`, each a `name`
 and the settings (`set:`, dotted keys) that make it that method. Each row is trained
 once with `fewshot train`'s code and evaluated on every task's fixed episodes of the
@@ -42,7 +42,7 @@ def read_bench(path: Path) -> dict[str, Any]:
     if unknown or not spec.get("rows") or not spec.get("tasks"):
         raise ConfigError(
             f"{path}: a bench file has name, base, tasks and rows (got {sorted(spec)}); "
-            "see jobs/configs/bench_methods.yaml"
+            "see jobs/configs/bench/methods.yaml"
         )
     return spec
 

@@ -18,7 +18,7 @@ its copies of small1's Greek and Latin; data/sources/omniglot.py). Two protocols
   over the pooled episodes. It measures the noise of the episode draw, not how the
   figure would move on other alphabets: the folds' spread in the table shows that.
 
-A bench file (jobs/configs/bench_omniglot.yaml) holds `base`, the recipe every row
+A bench file (jobs/configs/bench/omniglot.yaml) holds `base`, the recipe every row
 starts from, and `rows`, each a `name` and one of
 - `set:` dotted settings of a training run (the recipe with one lever flipped);
 - `test_set:` settings applied at test time only: the row reuses the model trained
@@ -73,7 +73,7 @@ def read_spec(path: Path) -> dict[str, Any]:
         if unknown or "name" not in row:
             raise ConfigError(
                 f"{path}: row {row.get('name', row)!r} has keys {sorted(unknown)}; a row has "
-                f"{sorted(ROW_KEYS)} (see jobs/configs/bench_omniglot.yaml)"
+                f"{sorted(ROW_KEYS)} (see jobs/configs/bench/omniglot.yaml)"
             )
     if not spec.get("rows") or not spec.get("base"):
         raise ConfigError(f"{path}: a bench file has `base` and `rows`")

@@ -1,6 +1,6 @@
 """`fewshot bench serve`: request latency and throughput of the two servers.
 
-The models are the headline recipe (jobs/configs/omniglot.yaml: ProtoNet, conv4 of
+The models are the headline recipe (jobs/configs/train/omniglot.yaml: ProtoNet, conv4 of
 width 64 at 28 px, 5 test views) and the same with one test view, trained for a few steps
 only (serving speed does not depend on how long it trained), registered and promoted in
 a scratch tracking store.
@@ -40,7 +40,7 @@ from fewshot.serve.client import Client, classify_body, request_body
 from fewshot.serve.limits import Limits
 from fewshot.serve.ray_app import Scale, application
 
-CONFIG = Path(__file__).parents[3] / "jobs" / "configs" / "omniglot.yaml"
+CONFIG = Path(__file__).parents[3] / "jobs" / "configs" / "train" / "omniglot.yaml"
 CONCURRENCY = (1, 4, 16)
 
 

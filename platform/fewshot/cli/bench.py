@@ -65,7 +65,7 @@ def bench_data(
 @bench_app.command("methods")
 def bench_methods(
     config: Annotated[Path, typer.Option(help="Bench file: base config, tasks, rows.")] = Path(
-        "jobs/configs/bench_methods.yaml"
+        "jobs/configs/bench/methods.yaml"
     ),
     out: TableOutOpt = Path("benchmarks/results/methods.md"),
     set_: SetOpt = None,
@@ -103,16 +103,16 @@ def bench_speed(
 @bench_app.command("omniglot")
 def bench_omniglot(
     config: Annotated[Path, typer.Option(help="Bench file: base recipe and rows.")] = Path(
-        "jobs/configs/bench_omniglot.yaml"
+        "jobs/configs/bench/omniglot.yaml"
     ),
     out: Annotated[Path, typer.Option(help="Markdown table to write (plot: same name .png).")] = (
         Path("benchmarks/results/omniglot.md")
     ),
     only: OnlyOpt = None,
 ) -> None:
-    """The Omniglot recipe: each lever on and off (bench_omniglot.yaml), or leave-alphabets-out
-    folds with a bench file's `folds:` (bench_omniglot_folds.yaml, with --out
-    benchmarks/results/omniglot_folds.md)."""
+    """The Omniglot recipe: each lever on and off (jobs/configs/bench/omniglot.yaml), or
+    leave-alphabets-out folds with a bench file's `folds:`
+    (jobs/configs/bench/omniglot_folds.yaml, with --out benchmarks/results/omniglot_folds.md)."""
     from fewshot.bench import omniglot
 
     omniglot.run(config, out, only)

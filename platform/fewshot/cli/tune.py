@@ -26,7 +26,7 @@ def tune(
 ) -> None:
     """Search hyper-parameters with Ray Tune (each trial a Ray Train run, scored on
     validation classes), test the best config's model, print the best config and the
-    top trials. Format of the tune file: jobs/configs/tune_subspace.yaml."""
+    top trials. Format of the tune file: jobs/configs/tune/subspace.yaml."""
     from fewshot.config import resolved_yaml
     from fewshot.tune.search import run_search
 

@@ -19,7 +19,7 @@ on the query and the model is a per-position cosine classifier on class-mean map
 W_o = W_v^T, so W_o W_v is an orthogonal projector and F_A starts as the projection of
 the attended support map. With both random, F_A starts unrelated to F_q and the
 untrained model is at chance. Measured, 5-way 1-shot on Omniglot small2 (config
-jobs/configs/omniglot_trml_5w1s.yaml): untrained 21.6% random vs 43.3% this way; after
+jobs/configs/train/omniglot_trml_5w1s.yaml): untrained 21.6% random vs 43.3% this way; after
 120 steps 86.0% vs 91.8%.
 
 Attention and cosine run in float32 with autocast off: a product of two softmaxes

@@ -1,4 +1,4 @@
-"""Hyper-parameter search with Ray Tune: `fewshot tune --config jobs/configs/tune_X.yaml`.
+"""Hyper-parameter search with Ray Tune: `fewshot tune --config jobs/configs/tune/X.yaml`.
 
 `space` reads and checks a tune file (a base train config, a search space over its
 dotted fields, the search settings) before anything starts; `search` runs it: every

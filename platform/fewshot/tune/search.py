@@ -1,8 +1,8 @@
 """`fewshot tune`: hyper-parameter search with Ray Tune over Ray Train runs.
 
-    fewshot tune --config jobs/configs/tune_subspace.yaml [--set k=v ...]
+    fewshot tune --config jobs/configs/tune/subspace.yaml [--set k=v ...]
     fewshot tune --resume tune_subspace        # continue an interrupted search
-    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune_X.yaml
+    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune/X.yaml
 
 The tune file (format in tune/space.py) names a base train config, a search space
 over its dotted fields and the search settings; it is checked completely before a
@@ -192,7 +192,7 @@ def locate(
     if resume is None:
         if tune_file is None:
             raise ConfigError(
-                "--config: give a tune file (jobs/configs/tune_X.yaml) or --resume NAME"
+                "--config: give a tune file (jobs/configs/tune/X.yaml) or --resume NAME"
             )
         spec = read_tune_file(tune_file, overrides)
         if (spec.search_dir() / SEARCH_FILE).is_file():

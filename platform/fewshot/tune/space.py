@@ -1,7 +1,8 @@
 """The tune file: a base train config, a search space over its fields, search settings.
 
     name: tune_subspace                  # the search's name: its directory and MLflow run
-    base: omniglot_subspace_5w1s.yaml    # a train config, relative to this file (or a mapping)
+    base: ../train/omniglot_subspace_5w1s.yaml   # a train config, relative to this file
+                                         # (or a mapping)
     set: {data.val_groups: 1, train.steps: 300}   # dotted overrides of base (optional)
     space:                               # dotted config field -> one distribution
       method.lambda1: {loguniform: [0.001, 1.0]}  # low > 0, drawn on a log scale
@@ -194,7 +195,7 @@ def read_tune_file(path: str | Path, overrides: list[str] | None = None) -> Tune
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"tune file {path} does not exist; pass --config jobs/configs/tune_X.yaml"
+            f"tune file {path} does not exist; pass --config jobs/configs/tune/X.yaml"
         )
     return parse_tune(read_yaml(path), path.parent, overrides)
 
