@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshot.config import config_hash, load_config, resolved_yaml
+from fewshot.config import config_hash, load_config, parse_overrides, resolved_yaml
 from fewshot.errors import ConfigError
 
 
@@ -89,3 +89,14 @@ def test_resolved_yaml_round_trips_and_hash_tracks_changes(tmp_path: Path):
 def test_the_edges_of_the_ranges_are_accepted():
     config = load_config(None, ["seed=4294967295", "registry.name=my-model.v2", "train.lr=1e-9"])
     assert (config.seed, config.registry.name) == (4294967295, "my-model.v2")
+
+
+def test_updated_is_a_validated_copy_with_the_changes():
+    config = load_config(None, ["train.steps=500"])
+    changed = config.updated({"train.steps": 7500, "method.temperature": 8})
+    assert (changed.train.steps, changed.method.settings.temperature) == (7500, 8)
+    assert config.train.steps == 500  # the original is untouched
+    with pytest.raises(ConfigError, match=r"^train\.steps: must be >= 1 \(got 0\)"):
+        config.updated({"train.steps": 0})
+    # The same rules as a file: a later --set of one path wins.
+    assert parse_overrides(["seed=1", "train.lr=0.1", "seed=2"]) == {"train.lr": 0.1, "seed": 2}

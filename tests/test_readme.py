@@ -308,7 +308,7 @@ def test_tune_file_shown_is_valid_and_named_by_its_commands(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     spec = read_tune_file(option(config, "--config"))
     assert option(resume, "--resume") == spec.name
-    assert spec.base["data"]["path"] == str(tmp_path / "data" / "mine")
+    assert spec.base.data.path == tmp_path / "data" / "mine"
 
 
 def test_cluster_secrets_command_writes_a_private_env_file(tmp_path):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -310,6 +311,14 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    def updated(self, changes: Mapping[str, Any]) -> Config:
+        """This config with `changes` (dotted path -> value, e.g. {"train.steps": 7500})
+        applied and the result validated once, as a file with those values would be."""
+        raw = as_dict(self)
+        for path, value in changes.items():
+            set_value(raw, path, value)
+        return validate(raw)
+
     def eval_episode(self) -> EpisodeConfig:
         """The shape of test episodes: `evaluate.*` where set, else `episode.*`."""
         e = self.evaluate
@@ -423,13 +432,23 @@ def set_value(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=value` strings (`--set`) as {dotted path: value}; values are parsed as YAML
+    (`3`, `true`, `[a, b]`), and a later string for the same path wins."""
+    changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=500")
-        set_value(raw, key.strip(), yaml.safe_load(text))
+        changes.pop(key.strip(), None)  # keeps the order in which they apply
+        changes[key.strip()] = yaml.safe_load(text)
+    return changes
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings (`parse_overrides`) to a raw config tree, as read from YAML."""
+    for path, value in parse_overrides(overrides).items():
+        set_value(raw, path, value)
     return raw
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from fewshot.config import Config, apply_overrides, as_dict, validate
+from fewshot.config import Config, as_dict, parse_overrides, validate
 from fewshot.errors import CheckpointError
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.methods.ensemble import Ensemble
@@ -163,7 +163,7 @@ def with_settings(config: Config, method: FewShotMethod, overrides: list[str]):
             f"--set {' '.join(overrides)}: an ensemble takes no settings of its own; set them "
             "on its members' runs and build the ensemble again"
         )
-    changed = validate(apply_overrides(as_dict(config), overrides))
+    changed = config.updated(parse_overrides(overrides))
     rebuilt = build_method(changed, method.shape.channels)
     rebuilt.load_state_dict(method.state_dict())
     return changed, rebuilt

@@ -45,10 +45,10 @@ def write(tmp_path: Path, **changes) -> Path:
 def test_tune_file_is_resolved_against_its_base(tmp_path):
     spec = read_tune_file(write(tmp_path), ["train.steps=50", "seed=3"])
     assert spec.name == "search"
-    assert spec.base["train"]["lr"] == 0.01  # `set`
-    assert spec.base["train"]["steps"] == 50 and spec.base["seed"] == 3  # --set
-    assert spec.base["distributed"]["workers"] == 1  # every trial is a Ray Train run
-    assert Path(spec.base["data"]["path"]).is_absolute()  # trials run in other directories
+    assert spec.base.train.lr == 0.01  # `set`
+    assert spec.base.train.steps == 50 and spec.base.seed == 3  # --set
+    assert spec.base.distributed.workers == 1  # every trial is a Ray Train run
+    assert spec.base.data.path.is_absolute()  # trials run in other directories
     assert spec.max_rounds == 5  # 50 steps, a round every 10
     assert spec.trials() == 3 * 2  # num_samples x the grid
     assert spec.search.scheduler == "asha" and spec.search.algorithm == "random"
@@ -203,6 +203,9 @@ def test_resume_needs_a_started_search(workdir):
         run_search(None, ["train.steps=3"], resume="nothing")
     with pytest.raises(ConfigError, match=r"^--config: give a tune file"):
         run_search(None)
+    # --resume looks where train.output_dir says, not in a fixed runs/.
+    with pytest.raises(ConfigError, match=r"^--resume nothing: no search in elsewhere/nothing"):
+        run_search(None, ["train.output_dir=elsewhere"], resume="nothing")
 
 
 def test_a_started_search_is_not_started_again(tmp_path, monkeypatch):
@@ -224,8 +227,8 @@ def test_a_started_search_is_not_started_again(tmp_path, monkeypatch):
 def test_ready_made_tune_files_are_valid(path):
     spec = read_tune_file(path)
     assert spec.name == f"tune_{path.stem}"  # the search is named for what it tunes
-    assert spec.base["data"]["val_groups"] == 1 and spec.base["data"]["val_split"] is None
-    assert spec.base["data"]["test_split"] == "small2"
+    assert spec.base.data.val_groups == 1 and spec.base.data.val_split is None
+    assert spec.base.data.test_split == "small2"
     assert spec.max_rounds >= 2 and spec.trials() >= 8
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from fewshot.bench import machine, write_table
-from fewshot.config import Config, apply_overrides, as_dict, set_value, validate
+from fewshot.config import Config, apply_overrides, set_value, validate
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, evaluate_method
 from fewshot.model_file import from_run
@@ -67,9 +67,7 @@ def row_config(base: dict, bench: str, row: dict, n_way: int | None = None) -> C
 def test_config(config: Config, n_way: int, k_shot: int) -> Config:
     """`config` with its test episodes set to n_way-way k_shot-shot (ConfigError if the
     method cannot test at n_way)."""
-    raw = as_dict(config)
-    raw["evaluate"].update(n_way=n_way, k_shot=k_shot)
-    return validate(raw)
+    return config.updated({"evaluate.n_way": n_way, "evaluate.k_shot": k_shot})
 
 
 def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[str] | None = None):

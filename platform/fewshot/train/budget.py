@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from fewshot.config import Config, as_dict, validate
+from fewshot.config import Config
 from fewshot.errors import ConfigError
 from fewshot.train.loop import Worker
 
@@ -87,14 +87,14 @@ def scaled_to(config: Config, steps: int) -> Config:
     """`config` trained for `steps` steps, its schedule scaled by the same factor."""
     t = config.train
     factor = steps / t.steps
-    tree = as_dict(config)
-    tree["train"].update(
-        steps=steps,
-        step_every=max(1, round(t.step_every * factor)),
-        eval_every=max(1, min(steps, round(t.eval_every * factor))),
-        milestones=[max(1, round(m * factor)) for m in t.milestones],
+    return config.updated(
+        {
+            "train.steps": steps,
+            "train.step_every": max(1, round(t.step_every * factor)),
+            "train.eval_every": max(1, min(steps, round(t.eval_every * factor))),
+            "train.milestones": [max(1, round(m * factor)) for m in t.milestones],
+        }
     )
-    return validate(tree)
 
 
 def fit_to_budget(config: Config, minutes: float, speed: float | None = None) -> Budget:

@@ -235,15 +235,17 @@ def shared_datasets(loop_config: dict) -> Datasets:
     return Datasets.from_shared(ray.get(loop_config["data"]))
 
 
-def for_workers(config: Config) -> dict:
+def for_workers(config: Config) -> Config:
     """The config as workers need it: Ray runs them in other directories, so local
     paths and the tracking URI are made absolute here (on a multi-node cluster the
     data must be at the same path on every node, or on shared storage)."""
-    tree = as_dict(config)
-    tree["data"]["path"] = str(config.data.path.resolve())
-    tree["train"]["output_dir"] = str(config.train.output_dir.resolve())
-    tree["tracking"]["uri"] = tracking_uri(config.tracking.uri)
-    return tree
+    return config.updated(
+        {
+            "data.path": str(config.data.path.resolve()),
+            "train.output_dir": str(config.train.output_dir.resolve()),
+            "tracking.uri": tracking_uri(config.tracking.uri),
+        }
+    )
 
 
 def backend(config: Config) -> str:
@@ -282,7 +284,7 @@ def fit_on_ray(
         worker_loop,
         # The ref nested in the config is a borrowed ref in every worker: Ray keeps the
         # object alive while this driver holds `data` and the workers use it.
-        train_loop_config={"config": for_workers(config), "run_id": run_id, "data": data},
+        train_loop_config={"config": as_dict(for_workers(config)), "run_id": run_id, "data": data},
         torch_config=TorchConfig(backend=backend(config)),
         scaling_config=ScalingConfig(
             num_workers=d.workers,

@@ -9,12 +9,11 @@ same MLflow run, the same episodes from the step after the last checkpoint.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot import model_file
-from fewshot.config import Config, apply_overrides, validate
+from fewshot.config import Config, parse_overrides
 from fewshot.data.reader import require_splits
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
@@ -122,9 +121,6 @@ def train(config: Config, *, restart: bool = False, progress: bool = False) -> R
     )
 
 
-REGISTRATION = ("register", "name")  # a member's registry settings its ensemble drops
-
-
 def ensemble_model(sources: list[str], overrides: list[str]) -> tuple[Config, dict]:
     """The config and model file of an ensemble of the trained models at `sources` (run
     directories, model files or MLflow run ids; at least 2), read and checked, with
@@ -136,11 +132,10 @@ def ensemble_model(sources: list[str], overrides: list[str]) -> tuple[Config, di
     if len(sources) < 2:
         raise ConfigError(f"ensemble of {len(sources)} model(s): give at least 2 members")
     members = [model_file.read(model_file.locate(s)) for s in sources]
-    # A copy: the first member's config is saved in the ensemble's model file as it was.
-    raw = copy.deepcopy(members[0]["config"])
-    for key in REGISTRATION:
-        raw.get("registry", {}).pop(key, None)
-    config = validate(apply_overrides(raw, overrides))
+    unregistered = {"registry.register": False, "registry.name": None}
+    config = model_file.config_of(members[0]).updated(
+        {**unregistered, **parse_overrides(overrides)}
+    )
     return config, model_file.ensemble_contents(config, members, sources)
 
 

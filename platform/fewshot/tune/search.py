@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot import model_file
-from fewshot.config import Config, as_dict, resolved_yaml, validate
+from fewshot.config import Config, parse_overrides, resolved_yaml, validate
 from fewshot.errors import ConfigError, FewShotError, Interrupted
 from fewshot.evaluate import Accuracy, check_test_split, evaluate_method, evaluation_row
 from fewshot.ray_cluster import connect
@@ -78,14 +78,14 @@ from fewshot.run_dir import RunDir
 from fewshot.tracking import Tracker, git_commit, tracked_run, tracking_uri
 from fewshot.train.distributed import check_resources, fit_on_ray, storage_path
 from fewshot.train.loop import eval_rounds
-from fewshot.tune.space import SEARCH_FILE, TuneSpec, load_saved, read_tune_file, trial_config
+from fewshot.tune.space import SEARCH_FILE, TuneSpec, load_saved, read_tune_file
 
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's Train driver
 RESULT = "result.json"  # a finished trial's last round, written last
 
 
-def trial_dir(spec_base: dict, search: str, trial_name: str) -> Path:
-    return Path(spec_base["train"]["output_dir"]) / search / trial_name
+def trial_dir(base: Config, search: str, trial_name: str) -> Path:
+    return base.train.output_dir / search / trial_name
 
 
 def run_trial(values: dict[str, Any], spec: dict, parent_run_id: str | None, commit: str) -> None:
@@ -93,9 +93,9 @@ def run_trial(values: dict[str, Any], spec: dict, parent_run_id: str | None, com
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    search, base = spec["name"], spec["base"]
+    search, base = spec["name"], validate(spec["base"])
     trial_id = ray.tune.get_context().get_trial_id()
-    config = trial_config(base, values, f"{search}-{trial_id}")
+    config = base.updated({**values, "name": f"{search}-{trial_id}"})
     directory = trial_dir(base, search, config.name)
     directory.mkdir(parents=True, exist_ok=True)
     run_dir = RunDir(directory)
@@ -137,7 +137,7 @@ def concurrency(spec: TuneSpec) -> int:
 
     if spec.search.max_concurrent_trials:
         return spec.search.max_concurrent_trials
-    d = spec.base_config().distributed
+    d = spec.base.distributed
     have = ray.cluster_resources()
     fits = int(have.get("CPU", 0) // (d.max_workers * d.cpus_per_worker + spec.search.driver_cpus))
     if d.use_gpu and d.gpus_per_worker:
@@ -202,9 +202,15 @@ def locate(
             )
         return spec, False
     if tune_file is None:
-        if overrides:
-            raise ConfigError("--set: a resumed search keeps its settings; drop --set")
-        return load_saved(Path("runs") / resume), True
+        # Only where the search is may be given: it keeps every other setting.
+        changes = parse_overrides(overrides or [])
+        output_dir = changes.pop("train.output_dir", Config().train.output_dir)
+        if changes:
+            raise ConfigError(
+                f"--set: a resumed search keeps its settings ({', '.join(changes)}); drop "
+                "--set (only train.output_dir, where the search is, may be given)"
+            )
+        return load_saved(Path(output_dir) / resume), True
     given = read_tune_file(tune_file, overrides)
     if given.name != resume:
         raise ConfigError(f"--resume {resume}: {tune_file} describes search {given.name!r}")
@@ -226,7 +232,7 @@ def run_search(
     episodes. FewShotError when interrupted (how to continue is in the message)."""
 
     spec, resuming = locate(Path(tune_file) if tune_file else None, overrides, resume)
-    base = spec.base_config()
+    base = spec.base
     check_test_split(base)  # the best config is tested on it: know now, not after the search
     connect(base.distributed.address, dashboard=True)
     check_resources(base)
@@ -234,10 +240,8 @@ def run_search(
     search_dir.mkdir(parents=True, exist_ok=True)
     (search_dir / SEARCH_FILE).write_text(spec.as_yaml())
 
-    parent_raw = as_dict(base)
-    parent_raw["name"] = spec.name
     tags = {"fewshot.search": spec.name, "fewshot.role": "search"}
-    with tracked_run(validate(parent_raw), RunDir(search_dir), tags) as parent:
+    with tracked_run(base.updated({"name": spec.name}), RunDir(search_dir), tags) as parent:
         if not parent.resumed:
             parent.text(spec.as_yaml(), "space.yaml")
         return run_tuner(spec, resuming, base, parent, search_dir)
@@ -294,7 +298,7 @@ def nested_run_ids(spec: TuneSpec, parent_id: str | None) -> dict[str, str]:
         return {}
     from mlflow import MlflowClient
 
-    config = spec.base_config()
+    config = spec.base
     client = MlflowClient(tracking_uri(config.tracking.uri))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     runs = client.search_runs(

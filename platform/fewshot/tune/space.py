@@ -48,9 +48,9 @@ from fewshot.config import (
     RunName,
     Section,
     _raise,
-    apply_overrides,
     as_dict,
     flatten,
+    parse_overrides,
     read_yaml,
     set_value,
     validate,
@@ -143,20 +143,18 @@ class TuneFile(Section):
 
 @dataclass
 class TuneSpec:
-    """A checked tune file. `base` is the resolved base config tree as trials get it
+    """A checked tune file. `base` is the validated base config as trials get it
     (absolute paths, distributed.workers >= 1)."""
 
     name: str
-    base: dict[str, Any]
+    base: Config
     space: dict[str, Domain]
     search: SearchSettings
     max_rounds: int  # the most evaluation rounds a trial can run
 
-    def base_config(self) -> Config:
-        return validate(copy.deepcopy(self.base))
-
     def trial_config(self, values: dict[str, Any], name: str) -> Config:
-        return trial_config(self.base, values, name)
+        """The base config with a trial's sampled values (dotted paths), named `name`."""
+        return self.base.updated({**values, "name": name})
 
     def param_space(self) -> dict[str, Any]:
         """Ray Tune's param_space, keyed by dotted path."""
@@ -167,27 +165,18 @@ class TuneSpec:
         return self.search.num_samples * math.prod(grids)
 
     def search_dir(self) -> Path:
-        return Path(self.base["train"]["output_dir"]) / self.name
+        return self.base.train.output_dir / self.name
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "base": self.base,
+            "base": as_dict(self.base),
             "space": {path: d.as_yaml() for path, d in self.space.items()},
             "search": self.search.model_dump(mode="json"),
         }
 
     def as_yaml(self) -> str:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
-
-
-def trial_config(base: dict[str, Any], values: dict[str, Any], name: str) -> Config:
-    """The base config with a trial's sampled values (dotted paths), named `name`."""
-    raw = copy.deepcopy(base)
-    for path, value in values.items():
-        set_value(raw, path, value)
-    raw["name"] = name
-    return validate(raw)
 
 
 def read_tune_file(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
@@ -216,11 +205,11 @@ def parse_tune(raw: dict[str, Any], root: Path, overrides: list[str] | None = No
         base = read_yaml(base_path)
     else:
         base = copy.deepcopy(spec.base)
-    for key, value in spec.set.items():
-        set_value(base, key, value)
-    apply_overrides(base, overrides or [])
-    if not (base.get("distributed") or {}).get("workers"):
-        set_value(base, "distributed.workers", 1)  # every trial is a Ray Train run
+    changes = {**spec.set, **parse_overrides(overrides or [])}
+    if not changes.get("distributed.workers", (base.get("distributed") or {}).get("workers")):
+        changes["distributed.workers"] = 1  # every trial is a Ray Train run
+    for path, value in changes.items():
+        set_value(base, path, value)
     config = validate(base)
     if not (config.data.val_split or config.data.val_groups):
         raise ConfigError(
@@ -228,21 +217,21 @@ def parse_tune(raw: dict[str, Any], root: Path, overrides: list[str] | None = No
             "data.val_groups to hold groups of the train split out (trials never see the "
             "test classes)"
         )
-    tree = for_workers(config)
-    check_space(tree, spec.space, spec.search)
-    rounds = max_rounds(tree, spec.space)
+    config = for_workers(config)
+    check_space(config, spec.space, spec.search)
+    rounds = max_rounds(config, spec.space)
     s = spec.search
     if s.scheduler == "asha" and s.grace_period > rounds:
         raise ConfigError(
             f"search.grace_period: {s.grace_period} rounds, but a trial runs at most {rounds} "
             "evaluation rounds (train.steps / train.eval_every); lower it or evaluate more often"
         )
-    return TuneSpec(spec.name, tree, spec.space, spec.search, rounds)
+    return TuneSpec(spec.name, config, spec.space, spec.search, rounds)
 
 
-def check_space(base: dict[str, Any], space: dict[str, Domain], search: SearchSettings) -> None:
+def check_space(base: Config, space: dict[str, Domain], search: SearchSettings) -> None:
     """Refuse a space that a trial would fail on (ConfigError: space.<path>: ...)."""
-    fields = flatten(base)
+    fields = flatten(as_dict(base))
     for path, domain in space.items():
         given = domain.given()
         if len(given) != 1:
@@ -288,12 +277,10 @@ def check_space(base: dict[str, Any], space: dict[str, Domain], search: SearchSe
             check_value(base, path, kind, value)
 
 
-def check_value(base: dict[str, Any], path: str, kind: str, value: Any) -> None:
+def check_value(base: Config, path: str, kind: str, value: Any) -> None:
     """Validate the base config with `path` set to `value`, as a trial would."""
-    raw = copy.deepcopy(base)
-    set_value(raw, path, value)
     try:
-        got = flatten(as_dict(validate(raw)))[path]
+        got = flatten(as_dict(base.updated({path: value})))[path]
     except ConfigError as exc:
         message = str(exc)
         if message.startswith(f"{path}:"):
@@ -310,17 +297,14 @@ def check_value(base: dict[str, Any], path: str, kind: str, value: Any) -> None:
         )
 
 
-def max_rounds(base: dict[str, Any], space: dict[str, Domain]) -> int:
+def max_rounds(base: Config, space: dict[str, Domain]) -> int:
     """The most evaluation rounds any trial runs (ASHA's max_t)."""
-    fields = flatten(base)
+    fields = flatten(as_dict(base))
     options = [space[p].candidates() if p in space else [fields[p]] for p in ROUND_FIELDS]
-    most = 0
-    for values in itertools.product(*options):
-        raw = copy.deepcopy(base)
-        for path, value in zip(ROUND_FIELDS, values, strict=True):
-            set_value(raw, path, value)
-        most = max(most, eval_rounds(validate(raw)))
-    return most
+    return max(
+        eval_rounds(base.updated(dict(zip(ROUND_FIELDS, values, strict=True))))
+        for values in itertools.product(*options)
+    )
 
 
 def load_saved(search_dir: Path) -> TuneSpec:
@@ -329,7 +313,7 @@ def load_saved(search_dir: Path) -> TuneSpec:
     if not path.is_file():
         raise ConfigError(
             f"--resume {search_dir.name}: no search in {search_dir}; give the name of a search "
-            "started from this directory (and --config TUNE_FILE if its train.output_dir is "
-            "not runs)"
+            "started from this directory (and --set train.output_dir=DIR, or --config "
+            "TUNE_FILE, if it was started with another train.output_dir)"
         )
     return parse_tune(read_yaml(path), search_dir)
