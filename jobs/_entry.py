@@ -2,7 +2,8 @@
 
 `ray job submit --working-dir .` ships this repository; putting its `platform/`
 first on sys.path makes the job run the submitted code, not whatever version is
-installed on the cluster.
+installed on the cluster. `fewshot submit COMMAND` runs the same commands without these
+scripts (platform/fewshot/jobs.py).
 """
 
 import sys

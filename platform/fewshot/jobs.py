@@ -1,11 +1,22 @@
 """Cluster jobs through Ray's Jobs API (`fewshot submit`, `fewshot jobs ...`).
 
-A job runs `jobs/<command>.py` on the cluster with this repository as its working
-directory; the entrypoint puts the shipped `platform/` first on sys.path and the
-training driver ships that package to its Ray workers, so the job and its workers
-run the submitted code. What is uploaded follows the repository's .gitignore (Ray
-reads it), so local datasets, runs and the MLflow database stay behind; an
-`excludes` list here would also apply to the shipped package and drop parts of it.
+A job runs `python -m fewshot.cli COMMAND ARGS` on the cluster, in a copy of the
+working directory (runtime_env `working_dir`: configs and relative paths as here),
+with the imported `fewshot` package shipped as the job's `py_modules`: the job's driver
+imports the submitted code ahead of whatever version a node has installed, wherever
+the package lives here (a checkout or an install). That is the rule
+`ray_cluster.connect` applies to the workers a driver starts, and inside the job it
+names the same package again (the job's copy). Ray refuses a field that a job and its
+driver both set unless RAY_OVERRIDE_JOB_RUNTIME_ENV=1 lets the driver's win, so the
+job sets it. (PYTHONPATH into the shipped working directory would work too, but only
+for a working directory that holds the package.)
+
+What is uploaded follows the working directory's .gitignore (Ray reads it), so local
+datasets, runs and the MLflow database stay behind; an `excludes` list here would also
+apply to the shipped package and drop parts of it.
+
+The scripts in the repository's jobs/ run the same commands for `ray job submit --
+python jobs/X.py`; `fewshot submit` does not need them.
 """
 
 from __future__ import annotations
@@ -16,7 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import fewshot
 from fewshot.errors import FewShotError
+
+# The `fewshot` commands a job can run; jobs/ has a script for each (`bench methods`:
+# jobs/bench_methods.py) for `ray job submit` itself.
+COMMANDS = ("train", "tune", "evaluate", "promote", "omniglot", "bench methods")
 
 
 def client(address: str):
@@ -38,6 +54,24 @@ def default_python(address: str) -> str:
     return sys.executable if host in ("127.0.0.1", "localhost", "::1") else "python"
 
 
+def split_command(words: list[str]) -> tuple[str, list[str]]:
+    """`["bench", "methods", "--only", "x"]` -> `("bench methods", ["--only", "x"])`: the
+    job command the words start with, and its arguments."""
+    for command in COMMANDS:
+        size = len(command.split())
+        if words[:size] == command.split():
+            return command, words[size:]
+    raise unknown_command(words[0] if words else "")
+
+
+def unknown_command(given: str) -> FewShotError:
+    hint = f"; a config goes after the command: train --config {given}"
+    return FewShotError(
+        f"no job runs {given!r}; submit one of: {', '.join(COMMANDS)}"
+        + (hint if given.endswith((".yaml", ".yml")) else "")
+    )
+
+
 def submit(
     command: str,
     args: list[str],
@@ -47,19 +81,17 @@ def submit(
     python: str | None = None,
     env: dict[str, str] | None = None,
 ) -> str:
-    entry = Path(working_dir) / "jobs" / f"{command}.py"
-    if not entry.is_file():
-        raise FewShotError(f"{entry} not found; run from the repository root or pass --working-dir")
-    entrypoint = " ".join(
-        [
-            shlex.quote(python or default_python(address)),
-            f"jobs/{command}.py",
-            *map(shlex.quote, args),
-        ]
-    )
+    """Submit `fewshot COMMAND ARGS` (a command of COMMANDS) as a job; returns its id."""
+    if command not in COMMANDS:
+        raise unknown_command(command)
+    if not Path(working_dir).is_dir():
+        raise FewShotError(f"--working-dir {working_dir} is not a directory; pass the one to ship")
+    python = python or default_python(address)
+    entrypoint = shlex.join([python, "-m", "fewshot.cli", *command.split(), *args])
     runtime_env = {
         "working_dir": str(working_dir),
-        "env_vars": env or {},
+        "py_modules": [str(Path(fewshot.__file__).parent)],
+        "env_vars": {**(env or {}), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"},
     }
     return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 

@@ -190,6 +190,8 @@ def test_submitted_job_trains_and_logs_its_model(cluster, synthetic_store, tmp_p
     overrides = settings(synthetic_store, tmp_path, "distributed.workers=1")
     args = [
         "submit",
+        "train",
+        "--config",
         str(config),
         "--address",
         cluster.dashboard,

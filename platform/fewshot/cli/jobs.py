@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fewshot.cli.common import SetOpt
+from fewshot.jobs import COMMANDS
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow and control cluster jobs.")
 
@@ -18,16 +18,27 @@ AddressOpt = Annotated[
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 
 
+# COMMAND's own arguments follow it; submit's options may go before or after it.
+SUBMIT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
 def submit(
-    config: Annotated[Path, typer.Argument(help="YAML config, relative to the working dir.")],
+    ctx: typer.Context,
+    command: Annotated[
+        str,
+        typer.Argument(
+            metavar="COMMAND [ARGS]...",
+            help=f"What the job runs ({', '.join(COMMANDS)}), with that command's own "
+            "options (paths relative to --working-dir).",
+        ),
+    ],
     address: AddressOpt = DEFAULT_JOBS_ADDRESS,
-    set_: SetOpt = None,
     follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends.")] = False,
     tracking_uri: Annotated[
         str | None,
         typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow server the job logs to."),
     ] = None,
-    working_dir: Annotated[Path, typer.Option(help="Repository root to ship.")] = Path("."),
+    working_dir: Annotated[Path, typer.Option(help="Shipped folder the job runs in.")] = Path("."),
     python: Annotated[
         str | None,
         typer.Option(
@@ -35,20 +46,49 @@ def submit(
         ),
     ] = None,
 ) -> None:
-    """Submit `fewshot train --config CONFIG` as a Ray job; prints the job id."""
+    """Submit `fewshot COMMAND [ARGS]` as a Ray job running this package's code; prints
+    the job id. Its arguments are checked here first (and a train config or tune file
+    loaded): a mistake is one line, with nothing submitted."""
     from fewshot import jobs
-    from fewshot.config import load_config
 
-    load_config(working_dir / config, set_)  # refuse a bad config before it travels
-    args = ["--config", str(config), *[a for item in set_ or [] for a in ("--set", item)]]
+    command, args = jobs.split_command([command, *ctx.args])
+    check_locally(command, parsed(ctx, command, args), working_dir)
     env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-    job_id = jobs.submit("train", args, address, working_dir=working_dir, python=python, env=env)
+    job_id = jobs.submit(command, args, address, working_dir=working_dir, python=python, env=env)
     print(job_id)
     if follow:
         final = jobs.follow(address, job_id, lambda lines: print(lines, end=""))
         print(f"job {job_id}: {final}")
         if final != "SUCCEEDED":
             raise typer.Exit(1)
+
+
+def parsed(ctx: typer.Context, command: str, args: list[str]) -> dict:
+    """`fewshot COMMAND ARGS`'s parameters, parsed as that command parses them (without
+    running it): an unknown option, a missing one or a bad value is one line here."""
+    from fewshot.errors import FewShotError
+
+    target = ctx.find_root().command
+    for word in command.split():
+        target = target.commands[word]
+    try:
+        return target.make_context(f"fewshot {command}", list(args)).params
+    except typer.TyperException as exc:  # typer's own click: its usage errors
+        raise FewShotError(f"fewshot {command}: {exc.format_message()}") from None
+
+
+def check_locally(command: str, params: dict, working_dir: Path) -> None:
+    """Load what the job would load first, as the job sees it (relative to the working
+    dir): a train config, a tune file."""
+    overrides = list(params.get("set_") or [])
+    if command == "train":
+        from fewshot.config import load_config
+
+        load_config(params["config"] and working_dir / params["config"], overrides)
+    elif command == "tune" and params["config"]:
+        from fewshot.tune.space import read_tune_file
+
+        read_tune_file(working_dir / params["config"], overrides)
 
 
 @jobs_app.command("status")
