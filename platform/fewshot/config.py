@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -57,6 +58,23 @@ def _name(purpose: str) -> AfterValidator:
 # The name of a run or a search: a directory under train.output_dir, and Ray's.
 RunName = Annotated[str, _name("it names the run's directory")]
 ModelName = Annotated[str, _name("it names the model in models:/NAME@alias")]
+MINUTES_RULE = "give the training budget as a number of minutes above 0, e.g. 40"
+
+
+def parse_minutes(value: Any) -> float | None:
+    """`value`, a number or its text (an environment variable's), as a training budget in
+    minutes: a finite number above 0; None when it is not one (`abc`, empty, `nan`, `-5`,
+    `true`), which callers refuse in one line (MINUTES_RULE) rather than turn into a
+    budget of 0 or of forever."""
+    if isinstance(value, bool):
+        return None
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        return None
+    return minutes if math.isfinite(minutes) and minutes > 0 else None
+
+
 # numpy's SeedSequence takes no negative seed, and a seed above 2**32 - 1 says nothing
 # more: one range for every seed, refused at validation rather than deep in training.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -217,7 +235,18 @@ class TrainConfig(Section):
     # torch intra-op threads; None: the CPUs this process is given (a Ray worker's share).
     # More than the CPUs it may run on is refused where the run starts (runtime.py).
     threads: int | None = Field(None, ge=1)
+    # A wall-clock budget (train/budget.py): the run trains at most `steps`, fewer when
+    # they would not fit in these minutes at the speed it measures as it goes, with the
+    # schedule scaled to the steps it will train. None: no budget, `steps` steps.
+    minutes: float | None = None
     output_dir: Path = Path("runs")
+
+    @field_validator("minutes", mode="before")
+    @classmethod
+    def _a_budget(cls, value: Any) -> Any:
+        if value is not None and parse_minutes(value) is None:
+            raise PydanticCustomError("minutes", MINUTES_RULE)
+        return value
 
 
 class EvaluateConfig(Section):

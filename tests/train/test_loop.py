@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fewshot.errors import DataError
+from fewshot.train.comm import Comm
 from fewshot.train.datasets import Datasets
 from fewshot.train.loop import Worker
 
@@ -193,3 +194,37 @@ def test_train_classes_restricts_the_base_classes(small_config):
     assert Datasets.load(config).train.class_names == few.train.class_names  # fixed by seed
     with pytest.raises(DataError, match="data.train_classes"):
         Datasets.load(small_config("data.train_classes=999"))
+
+
+def test_a_budgeted_run_adds_only_its_clock_to_the_all_reduce(small_config, data):
+    worker = Worker(small_config("train.minutes=5"), data=data)
+    sizes = []
+
+    def all_reduce_sum(flat):
+        sizes.append(flat.numel())
+        return flat
+
+    worker.comm.all_reduce_sum = all_reduce_sum
+    metrics = worker.train_step()
+    metric_sums = len(metrics) - 1
+    assert sizes == [sum(p.numel() for p in worker.params) + metric_sums + 1]
+
+
+class RankOneOfTwo(Comm):
+    """Rank 1 of 2 whose partner, rank 0, sends what this rank sends, but its clock: 100 s
+    since the clock last agreed (this rank adds 0)."""
+
+    rank, world_size = 1, 2
+
+    def all_reduce_sum(self, flat):
+        partner = flat.clone()
+        partner[-1] = 100.0
+        return flat + partner
+
+
+def test_every_rank_plans_on_rank_0s_clock(small_config, data):
+    worker = Worker(small_config("train.minutes=1"), RankOneOfTwo(), data=data)
+    worker.train_step()
+    assert worker.plan.clock() < 60  # this rank's own clock: a second or so
+    assert worker.plan.agreed == pytest.approx(100.0)  # rank 0's
+    assert worker.config.train.steps == worker.step == 1  # so it stops with rank 0

@@ -79,8 +79,11 @@ def worker_loop(loop_config: dict) -> None:
     def on_round(w: Worker, metrics: dict[str, float]) -> None:
         logger.round(w, metrics)
         # `round` counts evaluation rounds over the whole run, resumed or not: Tune's
-        # schedulers measure a trial's progress in it.
-        report = {**metrics, "step": w.step, "round": eval_rounds(config, w.step)}
+        # schedulers measure a trial's progress in it. A run that a budget shrank counts
+        # as the configured run at the same fraction of training, so its last round is
+        # the configured last (train/budget.py).
+        rounds = eval_rounds(config, w.plan.asked_step(w.step))
+        report = {**metrics, "step": w.step, "round": rounds}
         report["pid"] = os.getpid()
         report["placement"] = placement  # node id of each rank, as the run reports
         if comm.rank != 0:

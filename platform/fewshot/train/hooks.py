@@ -7,6 +7,7 @@ import json
 import sys
 
 from fewshot.tracking import Tracker
+from fewshot.train.budget import PLANNED, USED
 from fewshot.train.loop import Worker
 
 
@@ -33,8 +34,15 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
 
+    def plan(self, total: int) -> None:
+        """Count to `total` steps: a budgeted run's plan (train/budget.py)."""
+        self.total, self.every = total, max(1, total // 20)
+        if self.bar:
+            self.bar.update(self.task, total=total)
+
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        shown = {k: v for k, v in metrics.items() if k != "train_lr" and v == v}  # v == v: not NaN
+        hidden = {"train_lr", PLANNED, USED}  # the budget's are printed on their own
+        shown = {k: v for k, v in metrics.items() if k not in hidden and v == v}  # v == v: not NaN
         status = " ".join(f"{k} {v:.3f}" for k, v in shown.items())
         if self.bar:
             self.bar.update(self.task, completed=step, status=status)
@@ -56,6 +64,8 @@ class RoundLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.metrics(metrics, step)
+        if self.progress and PLANNED in metrics:
+            self.progress.plan(int(metrics[PLANNED]))
         if self.progress:
             self.progress.update(step, {**metrics, **self.last})
 

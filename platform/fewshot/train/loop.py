@@ -15,13 +15,19 @@ learning rate) instead of training on to a model of NaNs: the step's loss, summe
 the all-reduce it already makes, must be finite before the optimiser steps, and the
 weights must be finite before each round validates and checkpoints them (one check
 per round, not per step). So no checkpoint and no model file holds a NaN.
+
+A run with `train.minutes` follows its `Plan` (budget.py): after every step the plan may
+shrink the steps left and scale the schedule to them (`Worker.follow_plan`); `fit` reads
+`worker.config`, the config as planned, at every step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -31,14 +37,15 @@ from torch import nn
 
 from fewshot.augment.images import training_jitter
 from fewshot.augment.task_mixup import TaskMixup
-from fewshot.config import Config
+from fewshot.config import Config, TrainConfig
 from fewshot.data.episodes import Episode, EpisodeSampler, tasks_for_rank
 from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies
 from fewshot.methods import FewShotMethod, build_method
 from fewshot.methods.hard_tasks import HardTasks, failure_class
-from fewshot.runtime import Execution, Probe, Runtime, module_probe
+from fewshot.runtime import Execution, Probe, Runtime, confirm_cache, module_probe
 from fewshot.streams import Stream
+from fewshot.train.budget import PLANNED, USED, Plan
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.datasets import Datasets
 from fewshot.train.pretrain import pretrain
@@ -61,6 +68,18 @@ def build_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.LRSch
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def schedule_factor(train: TrainConfig, step: int) -> float:
+    """The factor of the learning rate at `step` under the schedule of `train`: what
+    `build_scheduler`'s scheduler has reached by then."""
+    if train.schedule == "step":
+        return train.gamma ** (step // train.step_every)
+    if train.schedule == "multistep":
+        return train.gamma ** sum(m <= step for m in train.milestones)
+    if train.schedule == "cosine":
+        return (1 + math.cos(math.pi * step / train.steps)) / 2
+    return 1.0
 
 
 def agreed(runtime: Runtime, comm: Comm) -> Runtime:
@@ -113,7 +132,7 @@ class Worker:
         hard = self.method.hard_tasks()
         self.hard_tasks = HardTasks(self.sampler, config.seed, hard, e.meta_batch) if hard else None
         probe = self.probe() if self.comm.rank == 0 else None
-        self.runtime = agreed(Runtime.of(config.train, cpus, probe), self.comm)
+        self.runtime = agreed(Runtime.of(config.train, cpus, probe), self.comm).apply()
         self.device, self.amp = self.runtime.device, self.runtime.amp
         self.memory_format = self.runtime.memory_format
         self.method.to(self.device, memory_format=self.memory_format)
@@ -128,6 +147,8 @@ class Worker:
         self.scheduler = build_scheduler(config, self.optimizer)
         self.step = 0
         self.pretrained = False
+        # The steps to train and their schedule (train.minutes); `config` as planned.
+        self.plan = Plan(config)
 
     def probe(self) -> Probe:
         """The step the runtime's candidates are timed on: the method's loss on this run's
@@ -169,22 +190,49 @@ class Worker:
         if self.mixup and self.mixup.due(self.step):
             self.recluster()
         self.method.train()
-        metrics, failures = self.optimise(config.episode.meta_batch, self.tasks)
+        metrics, failures, clock = self.optimise(config.episode.meta_batch, self.tasks)
         if self.hard_tasks:
             self.hard_tasks.remember(failures)
             if self.hard_tasks.ready():
-                hard_metrics, _ = self.optimise(self.hard_tasks.count, self.hard_tasks)
+                hard_metrics, _, clock = self.optimise(self.hard_tasks.count, self.hard_tasks)
                 metrics.update({f"hard_{name}": value for name, value in hard_metrics.items()})
         self.scheduler.step()
         self.step += 1
-        return {**metrics, "lr": self.scheduler.get_last_lr()[0]}
+        self.plan.observe(self.step, clock)
+        if self.plan.measured_at == self.step and comm.rank == 0:
+            tasks = len(tasks_for_rank(config.episode.meta_batch, comm.rank, comm.world_size))
+            dropped = confirm_cache(self.runtime, self.plan.speed * tasks)
+            if dropped:
+                print(dropped, file=sys.stderr, flush=True)
+        if self.plan.changed_at == self.step:
+            self.follow_plan()
+        # The optimiser's rate, which a re-plan sets (the scheduler's last one would not say).
+        return {**metrics, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def optimise(self, count: int, tasks: TaskSource) -> tuple[dict[str, float], list[int]]:
+    def follow_plan(self) -> None:
+        """Train as the plan says from this step on: its steps, and its scaled schedule
+        with the learning rate at its value for this step, as if the run had been planned
+        so from the start. The torch schedulers compute each rate from the previous one,
+        so setting their step size, milestones or length and today's rate is enough."""
+        self.config = self.plan.config
+        t, scheduler = self.config.train, self.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+            scheduler.step_size = t.step_every
+        elif isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+            scheduler.milestones = Counter(t.milestones)
+        elif isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            scheduler.T_max = t.steps
+        factor = schedule_factor(t, self.step)
+        for group, base in zip(self.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def optimise(self, count: int, tasks: TaskSource) -> tuple[dict[str, float], list[int], float]:
         """One optimiser step on `count` tasks of `tasks` shared by the workers:
-        back-propagate sum(loss_i) / count, then one all-reduce of gradients, metric sums
-        and, in runs with hard tasks, each task's failure class. Returns (metrics averaged
-        over tasks, failure classes: [] without hard tasks)."""
-        comm = self.comm
+        back-propagate sum(loss_i) / count, then one all-reduce of gradients, metric sums,
+        in runs with hard tasks each task's failure class, and in runs with a budget the
+        clock. Returns (metrics averaged over tasks, failure classes: [] without hard
+        tasks, the run's clock: rank 0's in a budgeted run, so every rank plans alike)."""
+        comm, plan = self.comm, self.plan
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         # Every meta-batch of a hard-task run carries the slots, the hard one too (its
@@ -200,7 +248,9 @@ class Worker:
             if self.hard_tasks:
                 failures[task] = failure_class(loss.logits.detach(), episode).float()
         names = sorted(sums)
-        extras = torch.cat([torch.stack([sums[n] for n in names]), failures])
+        unagreed = [plan.unagreed() if comm.rank == 0 else 0.0] if plan.minutes else []
+        slot = torch.tensor(unagreed, device=self.device)
+        extras = torch.cat([torch.stack([sums[n] for n in names]), failures, slot])
         summed = all_reduce_gradients(self.params, extras, comm).tolist()
         # Every rank holds the same sums, so all stop together (none waits in an all-reduce).
         loss = summed[names.index("loss")]
@@ -210,7 +260,9 @@ class Worker:
             nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
         self.optimizer.step()
         metrics = {n: value / count for n, value in zip(names, summed[: len(names)], strict=True)}
-        return metrics, [int(c) for c in summed[len(names) :]]
+        classes = [int(c) for c in summed[len(names) : len(names) + len(failures)]]
+        clock = plan.agreed + summed[-1] if unagreed else plan.clock()
+        return metrics, classes, clock
 
     def diverged(self, what: str, step: int) -> ConfigError:
         """The one line of a run stopped by a non-finite loss or weights at `step` (counted
@@ -279,6 +331,7 @@ class Worker:
             "pretrained": self.pretrained,
             "mixup": self.mixup.state_dict() if self.mixup else None,
             "hard_tasks": self.hard_tasks.state_dict() if self.hard_tasks else None,
+            "budget": self.plan.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -293,6 +346,10 @@ class Worker:
             self.mixup.load_state_dict(state["mixup"])
         if self.hard_tasks:
             self.hard_tasks.load_state_dict(state["hard_tasks"])
+        if "budget" in state:  # none in checkpoints written before train.minutes
+            self.plan.load_state_dict(state["budget"])
+            # The scheduler's state, loaded above, already holds the plan's schedule.
+            self.config = self.plan.config
 
 
 RoundHook = Callable[[Worker, dict[str, float]], None]
@@ -308,24 +365,35 @@ def eval_rounds(config: Config, step: int | None = None) -> int:
 
 
 def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
-    """Pre-train if the config asks for it; then step until `train.steps`; log every
-    `log_every`, validate and checkpoint every `eval_every` (and at the end) through
-    the hooks."""
-    t = worker.config.train
+    """Pre-train if the config asks for it; then step until `train.steps` (as planned,
+    with `train.minutes`); log every `log_every`, validate and checkpoint every
+    `eval_every` (and at the end) through the hooks. A budgeted run also logs its plan
+    (`planned_steps`, when made or changed, and when resumed) and the steps it trained
+    (`steps_used`), and rank 0 prints a line at each."""
+    plan = worker.plan
 
     def end_round(metrics: dict[str, float]) -> None:
         worker.check_weights()  # before they are validated and checkpointed
         on_round(worker, {"val_acc": worker.validate(), **metrics})
 
+    def say(line: str) -> None:
+        if worker.comm.rank == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    if plan.first is not None:  # resumed with a plan: the progress bar and logs follow it
+        on_log(worker.step, {PLANNED: plan.steps})
     if worker.needs_pretraining():
         worker.pretrain(on_log)
         end_round({})  # checkpoint the pre-trained backbone
     window: dict[str, list[float]] = {}
     round_start, round_first_step = time.perf_counter(), worker.step
-    while worker.step < t.steps:
+    while worker.step < worker.config.train.steps:
         for name, value in worker.train_step().items():
             window.setdefault(name, []).append(value)
-        step = worker.step
+        t, step = worker.config.train, worker.step  # as planned after this step
+        if plan.changed_at == step:
+            on_log(step, {PLANNED: t.steps})
+            say(plan.line(step))
         if step % t.log_every == 0 or step == t.steps:
             on_log(step, {f"train_{k}": float(np.mean(v)) for k, v in window.items()})
             window.clear()
@@ -335,3 +403,6 @@ def fit(worker: Worker, on_log: LogHook, on_round: RoundHook) -> None:
             episodes = (step - round_first_step) * worker.config.episode.meta_batch
             end_round({"train_episodes_per_s": episodes / seconds})
             round_start, round_first_step = time.perf_counter(), worker.step
+    if plan.minutes is not None:
+        on_log(worker.step, {USED: worker.step})
+        say(plan.summary(worker.step))
