@@ -12,6 +12,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 # Where the Omniglot small background zips are; another copy works the same.
 OMNIGLOT_DIR ?= ../shared/datasets/omniglot
+# `make omniglot`'s training budget in minutes, shared equally by the members.
+OMNIGLOT_TRAIN_MINUTES ?= 40
 
 setup: $(STAMP)
 
@@ -31,9 +33,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 # The headline model: the recipe trained on both small sets, promoted to
-# models:/omniglot@champion (jobs/omniglot.py; resumes when interrupted).
+# models:/omniglot@champion (`fewshot omniglot`; resumes when interrupted).
 omniglot: setup
-	OMNIGLOT_DIR=$(OMNIGLOT_DIR) $(BIN)/python jobs/omniglot.py
+	$(BIN)/fewshot omniglot --data $(OMNIGLOT_DIR) --minutes $(OMNIGLOT_TRAIN_MINUTES)
 
 lint: setup
 	$(BIN)/ruff check platform tests jobs

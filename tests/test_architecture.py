@@ -20,7 +20,7 @@ LAYERS = [
     {"runtime", "ray_cluster", "run_dir", "tracking", "augment", "evaluate", "model_file"},
     {"train"},
     {"registry", "tune"},
-    {"serve", "bench", "pipeline", "jobs"},
+    {"serve", "bench", "pipeline", "jobs", "recipes"},
     {"cli"},
 ]
 

@@ -1,12 +1,12 @@
-"""What `fewshot train` does end to end: train and test (train/), then, when the config
-asks, register the model (registry/). Training knows nothing of the registry; this is
-the one place that puts the two in order."""
+"""What `fewshot train` and `fewshot ensemble` do end to end: a run (train/runner.py's
+`Lifecycle`: trained or combined, tested, saved), then, when the config asks, its model
+registered (registry/). Training knows nothing of the registry; this is the one place
+that gives the lifecycle its registration."""
 
 from __future__ import annotations
 
 from fewshot.config import Config
-from fewshot.errors import ConfigError
-from fewshot.registry.versions import register
+from fewshot.registry.versions import connect, register
 from fewshot.train import runner
 from fewshot.train.runner import RunResult
 
@@ -14,10 +14,7 @@ from fewshot.train.runner import RunResult
 def train(config: Config, *, restart: bool = False, progress: bool = False) -> RunResult:
     """`runner.train`; with `registry.register`, the model is then registered as a new
     version of `registry.name` (default: the run's name), alias `challenger`."""
-    check_registrable(config)
-    result = runner.train(config, restart=restart, progress=progress)
-    registered(result)
-    return result
+    return runner.train(config, restart=restart, progress=progress, register=registered)
 
 
 def ensemble(sources: list[str], overrides: list[str], *, restart: bool = False) -> RunResult:
@@ -25,25 +22,19 @@ def ensemble(sources: list[str], overrides: list[str], *, restart: bool = False)
     like a trained run's when `overrides` ask (`registry.register=true`): a member's own
     registration settings are not the ensemble's (`runner.ensemble_model`)."""
     config, model = runner.ensemble_model(sources, overrides)
-    check_registrable(config)
-    result = runner.combine(config, model, sources, restart=restart)
-    registered(result)
-    return result
+    return runner.combine(config, model, sources, restart=restart, register=registered)
 
 
-def check_registrable(config: Config) -> None:
-    """Refuse, before anything is written, a run that asks to be registered but would
-    have no MLflow run to register."""
-    if config.registry.register and not config.tracking.enabled:
-        raise ConfigError(
-            "registry.register: needs tracking.enabled=true (the registry is MLflow); "
-            "set tracking.enabled=true or registry.register=false"
-        )
-
-
-def registered(result: RunResult) -> None:
-    """With `registry.register`, the run's model as a new version of `registry.name`
-    (default: the run's name), alias `challenger`."""
-    config = result.config
-    if config.registry.register:
-        register(result.run_id, config.registry.name or config.name, uri=config.tracking.uri)
+def registered(run_id: str, config: Config) -> str:
+    """The version of `registry.name` (default: the run's name) that holds MLflow run
+    `run_id`'s model: registered now (alias `challenger`) unless it was before, so a
+    command stopped between a run's end and its registration registers it once when
+    run again."""
+    name = config.registry.name or config.name
+    client = connect(config.tracking.uri)
+    mine = [
+        str(v.version) for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id
+    ]
+    if mine:
+        return max(mine, key=int)
+    return str(register(run_id, name, uri=config.tracking.uri).version)

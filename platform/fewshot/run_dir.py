@@ -1,16 +1,25 @@
-"""A run's directory: what a training run, a Tune trial or a search keeps on disk.
+"""A run's directory: what a training run, an ensemble, a Tune trial or a search keeps
+on disk. One lifecycle writes it (train/runner.py, `Lifecycle`).
 
-DIR/config.yaml       the resolved config
+DIR/config.yaml       the resolved config; a run started again must have the same
+DIR/starts            one line per start of the run (time, process id): a resumed run
+                      has more than one
 DIR/checkpoint.pt     the last round's state, in-process runs (Ray runs keep theirs
                       in Ray's storage)
 DIR/model.pt          the final model file (model_file.py); its presence marks the run
                       finished
 DIR/mlflow_run_id     the MLflow run the directory's run logs to, so a continued run
                       logs into the same one
+DIR/result.json       a Tune trial's last round of metrics, written last: its presence
+                      marks the trial finished, and a restored search reports it again
+                      instead of training
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,14 @@ class RunDir:
     def run_id_file(self) -> Path:
         return self.path / "mlflow_run_id"
 
+    @property
+    def starts(self) -> Path:
+        return self.path / "starts"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "result.json"
+
     def finished(self) -> bool:
         return self.model.is_file()
 
@@ -61,10 +78,24 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self.run_id_file.write_text(run_id)
 
+    def record_start(self) -> None:
+        with open(self.starts, "a") as starts:
+            starts.write(f"{time.time():.3f} pid {os.getpid()}\n")
+
+    def result(self) -> dict[str, float] | None:
+        """A finished trial's last round of metrics; None before it finished."""
+        return json.loads(self.result_file.read_text()) if self.result_file.is_file() else None
+
+    def write_result(self, metrics: dict[str, float]) -> None:
+        # Written whole or not at all: a half-written file would read as a finished trial.
+        tmp = self.path / f".{self.result_file.name}.tmp"
+        tmp.write_text(json.dumps(metrics))
+        os.replace(tmp, self.result_file)
+
     def start(self, config: Config, restart: bool, root: Path) -> None:
-        """Make the directory of a training run of `config`: empty it first with `restart`
-        (only inside `root`); refuse a directory that holds another config's run or a
-        finished one, or a path through a file."""
+        """Make the directory of a run of `config` (trained, combined or a Tune trial):
+        empty it first with `restart` (only inside `root`); refuse a directory that holds
+        another config's run or a finished one, or a path through a file."""
         # Checked before anything is deleted or written: mkdir would fail with a traceback.
         blocking = [p for p in (*reversed(self.path.parents), self.path) if p.is_file()]
         if blocking:

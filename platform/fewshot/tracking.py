@@ -167,9 +167,10 @@ class Tracker:
 def tracked_run(
     config: Config, run_dir: RunDir, tags: dict[str, str] | None = None
 ) -> Iterator[Tracker]:
-    """The one lifecycle of a tracked run: reopen the MLflow run that `run_dir` names, or
-    create one and write its id there; yield its Tracker; end it FINISHED, KILLED (an
-    `Interrupted` job, to be continued) or FAILED."""
+    """The MLflow part of a run's lifecycle (train/runner.py, `Lifecycle`; a search's
+    parent run): reopen the MLflow run that `run_dir` names, or create one and write its
+    id there; yield its Tracker; end it FINISHED, KILLED (an `Interrupted` job, to be
+    continued) or FAILED, never leaving it RUNNING."""
     tracker = Tracker(config)
     run_dir.record_run_id(tracker.start(run_dir.run_id(), tags=tags))
     status = "FAILED"

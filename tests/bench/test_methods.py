@@ -77,3 +77,19 @@ def test_an_unknown_row_or_bad_file_is_refused(workdir, bench_file):
     bad.write_text("rows: []\n")
     with pytest.raises(ConfigError, match="bench file"):
         methods.run(bad, workdir / "m.md")
+
+
+def test_a_row_that_fails_leaves_no_mlflow_run_running(workdir, bench_file):
+    spec = yaml.safe_load(bench_file.read_text())
+    # TRML needs conv4_nopool: refused when its row's model is built, mid-bench.
+    spec["rows"] = [spec["rows"][0], {"name": "TRML", "set": {"method.name": "trml"}}]
+    bench_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="conv4_nopool"):
+        methods.run(bench_file, workdir / "methods.md")
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    status = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    # The bench's own run spans its rows: it ended FAILED with the row that failed.
+    assert status == {"tiny": "FAILED", "tiny-protonet": "FINISHED", "tiny-trml": "FAILED"}
+    assert not (workdir / "methods.md").exists()

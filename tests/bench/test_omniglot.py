@@ -13,6 +13,7 @@ from fewshot.errors import ConfigError
 from fewshot.evaluate import episode_accuracies, evaluate_method, mean_ci
 from fewshot.methods.ensemble import Ensemble
 from fewshot.model_file import from_run, with_settings
+from fewshot.recipes.omniglot import RECIPE
 from fewshot.streams import Stream
 
 
@@ -171,7 +172,7 @@ def test_a_folds_bench_refuses_a_curve_row(workdir, folds_file):
 def test_the_folds_bench_measures_the_headline_recipe():
     configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
     spec = omniglot.read_spec(configs / "bench" / "omniglot_folds.yaml")
-    bench, recipe = validate(spec["base"]), load_config(configs / "train" / "omniglot.yaml")
+    bench, recipe = validate(spec["base"]), load_config(RECIPE)
     assert spec["folds"] == 4 and bench.data.val_split is None  # nothing held-out is seen
     for section in ("episode", "backbone", "method", "augment"):
         assert getattr(bench, section) == getattr(recipe, section), section

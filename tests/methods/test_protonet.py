@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -7,6 +5,7 @@ from fewshot.config import EvaluateConfig, load_config
 from fewshot.errors import ConfigError
 from fewshot.methods.protonet import prototypes, refined_prototypes
 from fewshot.models.views import fixed_views
+from fewshot.recipes.omniglot import RECIPE
 
 
 @pytest.fixture
@@ -98,8 +97,7 @@ def test_transductive_prediction_scores_queries_against_the_refined_prototypes(m
 
 def test_transductive_inference_is_off_unless_asked_and_refused_where_unsupported():
     assert EvaluateConfig().transductive is False
-    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-    assert load_config(configs / "train" / "omniglot.yaml").evaluate.transductive is False
+    assert load_config(RECIPE).evaluate.transductive is False
     with pytest.raises(ConfigError, match=r"^evaluate\.transductive: maml .*=false"):
         load_config(None, ["method.name=maml", "evaluate.transductive=true"])
 

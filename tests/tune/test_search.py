@@ -237,3 +237,28 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(
         run_id = (search_dir / trial / "mlflow_run_id").read_text()
         resumed = mlflow.MlflowClient().get_metric_history(run_id, "resumed_from_step")
         assert resumed and resumed[-1].value >= 3, trial
+
+
+def test_a_trial_that_fails_leaves_no_mlflow_run_running(cluster, synthetic_store, workdir):
+    from fewshot.errors import FewShotError
+    from fewshot.tune.search import run_search
+
+    # A learning rate no weights survive: the trial's training stops on non-finite weights.
+    path = tune_file(
+        workdir,
+        synthetic_store,
+        "fails",
+        space={"train.lr": {"grid": [1.0e30]}},
+        search={"num_samples": 1, "max_concurrent_trials": 1, "scheduler": "none"},
+    )
+    with pytest.raises(FewShotError, match="every trial failed"):
+        run_search(path, ["train.steps=4", "train.eval_every=2"])
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    parent_id = (workdir / "runs" / "fails" / "mlflow_run_id").read_text()
+    trials = nested_runs(parent_id)
+    assert len(trials) == 1 and trials[0].info.status == "FAILED"
+    assert client.get_run(parent_id).info.status == "FAILED"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")

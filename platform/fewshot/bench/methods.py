@@ -9,8 +9,9 @@ test split. A method whose classifier has n_way outputs (MAML, MTL, CFN's CIM/FR
 cannot test at another n_way: it gets a second model trained at that n_way with the
 same settings (the training minutes column adds both).
 
-Every row's training is its own MLflow run; one more run, named after the bench,
-holds the table (markdown and JSON) and one metric per row and task. The rows are also
+Every row's training is its own MLflow run; one more run, named after the bench
+(its directory train.output_dir/BENCH), spans the whole bench and holds the table
+(markdown and JSON) and one metric per row and task. The rows are also
 kept as JSON beside the table: `--only ROW` retrains those rows and keeps the others.
 """
 
@@ -31,7 +32,7 @@ from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, evaluate_method
 from fewshot.model_file import from_run
 from fewshot.tracking import Tracker
-from fewshot.train.runner import train
+from fewshot.train.runner import Lifecycle, train
 
 
 def read_bench(path: Path) -> dict[str, Any]:
@@ -71,7 +72,9 @@ def test_config(config: Config, n_way: int, k_shot: int) -> Config:
 
 
 def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[str] | None = None):
-    """Train and test every row (or the rows named in `only`); write the table to `out`."""
+    """Train and test every row (or the rows named in `only`); write the table to `out`.
+    It all happens inside the bench's own run (the run lifecycle, train/runner.py), so a
+    row that fails ends the bench's MLflow run FAILED, not RUNNING."""
     spec = read_bench(path)
     bench = spec.get("name", path.stem)
     base = apply_overrides(copy.deepcopy(spec.get("base") or {}), overrides or [])
@@ -79,38 +82,53 @@ def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[st
     if only and len(rows) != len(only):
         known = [r["name"] for r in spec["rows"]]
         raise ConfigError(f"--only {only}: rows must be among {known}")
-    results = []
-    for row in rows:
-        trained: dict[int, tuple[Config, Any, Accuracy]] = {}  # n_way -> config, method, test
-        minutes = 0.0
-        accuracies: dict[str, Accuracy] = {}
-        for n_way, k_shot in spec["tasks"]:
-            config = row_config(base, bench, row)
-            try:
-                test = test_config(config, n_way, k_shot)
-            except ConfigError:  # the classifier is tied to the training n_way
-                config = row_config(base, bench, row, n_way)
-                test = test_config(config, n_way, k_shot)
-            if config.episode.n_way not in trained:
-                started = time.perf_counter()
-                result = train(config, restart=True)
-                minutes += (time.perf_counter() - started) / 60
-                trained[config.episode.n_way] = (config, from_run(result.run_dir)[1], result.test)
-            config, method, accuracy = trained[config.episode.n_way]
-            if test.eval_episode() != config.eval_episode():  # train() tested the other shape
-                accuracy = evaluate_method(method, test)
-            accuracies[f"{n_way}w{k_shot}s"] = accuracy
-        results.append({"name": row["name"], "minutes": minutes, "accuracy": accuracies})
-    if only:  # keep the other rows of an earlier run of the same bench
-        order = [r["name"] for r in spec["rows"]]
-        mine = {r["name"] for r in results}
-        kept = [r for r in read_results(out) if r["name"] in order and r["name"] not in mine]
-        results = sorted(kept + results, key=lambda r: order.index(r["name"]))
-    tasks = [tuple(t) for t in spec["tasks"]]
-    write_results(out, results)
-    write(out, bench, base, tasks, results)
-    log(bench, base, out, results)
+    # Restarted every time: a bench's run is its table, made again.
+    bench_run = Lifecycle(bench_config(base, bench), restart=True)
+    with bench_run.started() as tracker:
+        results = [train_row(base, bench, row, spec["tasks"]) for row in rows]
+        if only:  # keep the other rows of an earlier run of the same bench
+            order = [r["name"] for r in spec["rows"]]
+            mine = {r["name"] for r in results}
+            kept = [r for r in read_results(out) if r["name"] in order and r["name"] not in mine]
+            results = sorted(kept + results, key=lambda r: order.index(r["name"]))
+        tasks = [tuple(t) for t in spec["tasks"]]
+        write_results(out, results)
+        write(out, bench, base, tasks, results)
+        log(tracker, out, results)
     return results
+
+
+def bench_config(base: dict, bench: str) -> Config:
+    """The config of the bench's own run: the base, named and filed after the bench."""
+    raw = copy.deepcopy(base)
+    set_value(raw, "name", bench)
+    set_value(raw, "tracking.experiment", bench)
+    return validate(raw)
+
+
+def train_row(base: dict, bench: str, row: dict, tasks: list) -> dict[str, Any]:
+    """One row: trained (twice where its classifier is tied to n_way), tested on every
+    task; its name, training minutes and accuracy per task."""
+    trained: dict[int, tuple[Config, Any, Accuracy]] = {}  # n_way -> config, method, test
+    minutes = 0.0
+    accuracies: dict[str, Accuracy] = {}
+    for n_way, k_shot in tasks:
+        config = row_config(base, bench, row)
+        try:
+            test = test_config(config, n_way, k_shot)
+        except ConfigError:  # the classifier is tied to the training n_way
+            config = row_config(base, bench, row, n_way)
+            test = test_config(config, n_way, k_shot)
+        if config.episode.n_way not in trained:
+            started = time.perf_counter()
+            result = train(config, restart=True)
+            minutes += (time.perf_counter() - started) / 60
+            trained[config.episode.n_way] = (config, from_run(result.run_dir)[1], result.test)
+        config, method, accuracy = trained[config.episode.n_way]
+        if test.eval_episode() != config.eval_episode():  # train() tested the other shape
+            accuracy = evaluate_method(method, test)
+        accuracies[f"{n_way}w{k_shot}s"] = accuracy
+    return {"name": row["name"], "minutes": minutes, "accuracy": accuracies}
 
 
 def write_results(out: Path, results: list[dict]) -> None:
@@ -162,14 +180,9 @@ def write(out: Path, bench: str, base: dict, tasks: list, results: list[dict]) -
     )
 
 
-def log(bench: str, base: dict, out: Path, results: list[dict]) -> None:
-    """One MLflow run for the whole table."""
-    raw = copy.deepcopy(base)
-    set_value(raw, "name", bench)
-    set_value(raw, "tracking.experiment", bench)
-    tracker = Tracker(validate(raw))
-    if not tracker.start():
-        return
+def log(tracker: Tracker, out: Path, results: list[dict]) -> None:
+    """The table into the bench's MLflow run: one metric per row and task, the markdown
+    and the JSON."""
     for step, r in enumerate(results):
         values = {f"{slug(r['name'])}.{task}": a.mean for task, a in r["accuracy"].items()}
         tracker.metrics({**values, f"{slug(r['name'])}.minutes": r["minutes"]}, step)
@@ -185,4 +198,3 @@ def log(bench: str, base: dict, out: Path, results: list[dict]) -> None:
             for r in results
         ],
     )
-    tracker.end()

@@ -1,6 +1,6 @@
 """`fewshot bench serve`: request latency and throughput of the two servers.
 
-The models are the headline recipe (jobs/configs/train/omniglot.yaml: ProtoNet, conv4 of
+The models are the headline recipe (recipes/omniglot.yaml: ProtoNet, conv4 of
 width 64 at 28 px, 5 test views) and the same with one test view, trained for a few steps
 only (serving speed does not depend on how long it trained), registered and promoted in
 a scratch tracking store.
@@ -34,13 +34,13 @@ from fewshot.config import load_config
 from fewshot.data.sources import omniglot
 from fewshot.pipeline import train
 from fewshot.ray_cluster import connect, free_port
+from fewshot.recipes.omniglot import RECIPE
 from fewshot.registry.gate import promote
 from fewshot.runtime import Runtime, available_cpus
 from fewshot.serve.client import Client, classify_body, request_body
 from fewshot.serve.limits import Limits
 from fewshot.serve.ray_app import Scale, application
 
-CONFIG = Path(__file__).parents[3] / "jobs" / "configs" / "train" / "omniglot.yaml"
 CONCURRENCY = (1, 4, 16)
 
 
@@ -89,7 +89,7 @@ def register_model(name: str, overrides: list[str], store: Path, workdir: Path, 
         "train.steps=20", "train.eval_every=20", "train.step_every=20", "evaluate.episodes=20",
         f"tracking.uri={uri}", f"registry.name={name}", *overrides,
     ]  # fmt: skip
-    train(load_config(CONFIG, settings), restart=True)
+    train(load_config(RECIPE, settings), restart=True)
     promote(name, uri=uri, force="serving benchmark")
 
 

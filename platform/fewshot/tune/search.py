@@ -34,8 +34,8 @@ What it writes:
 
     <train.output_dir>/<search>/search.yaml          the checked spec (resume reads it)
     <train.output_dir>/<search>/mlflow_run_id        the parent MLflow run
-    <train.output_dir>/<search>/<search>-<trial>/    a trial: config.yaml, mlflow_run_id,
-                                                     starts (one line per training start),
+    <train.output_dir>/<search>/<search>-<trial>/    a trial's run directory (run_dir.py):
+                                                     config.yaml, starts, mlflow_run_id,
                                                      model.pt and result.json once finished
     <train.output_dir>/<search>/model.pt, best_config.yaml, objective_vs_params.png
     <distributed.storage_path or train.output_dir/ray>/<search>    Tune's experiment
@@ -62,9 +62,6 @@ Train run has the same name and storage), the rest start.
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +75,10 @@ from fewshot.run_dir import RunDir
 from fewshot.tracking import Tracker, git_commit, tracked_run, tracking_uri
 from fewshot.train.distributed import check_resources, fit_on_ray, storage_path
 from fewshot.train.loop import eval_rounds
+from fewshot.train.runner import Lifecycle
 from fewshot.tune.space import SEARCH_FILE, TuneSpec, load_saved, read_tune_file
 
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's Train driver
-RESULT = "result.json"  # a finished trial's last round, written last
 
 
 def trial_dir(base: Config, search: str, trial_name: str) -> Path:
@@ -96,26 +93,26 @@ def run_trial(values: dict[str, Any], spec: dict, parent_run_id: str | None, com
     search, base = spec["name"], validate(spec["base"])
     trial_id = ray.tune.get_context().get_trial_id()
     config = base.updated({**values, "name": f"{search}-{trial_id}"})
-    directory = trial_dir(base, search, config.name)
-    directory.mkdir(parents=True, exist_ok=True)
-    run_dir = RunDir(directory)
-    if (directory / RESULT).is_file():  # finished before an interruption: report, keep
-        ray.tune.report(json.loads((directory / RESULT).read_text()))
+    run_dir = RunDir(trial_dir(base, search, config.name))
+    if (saved := run_dir.result()) is not None:  # finished before an interruption: report, keep
+        ray.tune.report(saved)
         return
-    run_dir.config_file.write_text(resolved_yaml(config))
-    with open(directory / "starts", "a") as starts:
-        starts.write(f"{time.time():.3f} pid {os.getpid()}\n")
     tags = {"fewshot.search": search, "fewshot.trial_id": trial_id, "git.commit": commit}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with tracked_run(config, run_dir, tags) as tracker:
-        model, metrics = fit_on_ray(config, tracker.run_id, callbacks=[TuneReportCallback()])
-        model_file.save(model, run_dir.model)
-        tracker.artifact(run_dir.model, "model")
-    final = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    tmp = directory / f".{RESULT}.tmp"
-    tmp.write_text(json.dumps(final))
-    os.replace(tmp, directory / RESULT)
+    train_trial(config, run_dir, tags, callbacks=[TuneReportCallback()])
+
+
+def train_trial(config: Config, run_dir: RunDir, tags: dict[str, str], callbacks: list) -> None:
+    """Train a trial's config on Ray Train in its directory, through the run lifecycle
+    (a directory holding another config is refused, the nested MLflow run never left
+    RUNNING); save its model, untested (trials never see the test split), and last of all
+    its last round's metrics (`result.json`, which marks it finished)."""
+    run = Lifecycle(config, run_dir, tags=tags)
+    with run.started() as tracker:
+        model, metrics = fit_on_ray(config, tracker.run_id, callbacks=callbacks)
+        run.save(model)
+    run_dir.write_result({k: v for k, v in metrics.items() if isinstance(v, int | float)})
 
 
 @dataclass
