@@ -11,14 +11,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fewshot.config import Config
 from fewshot.data.episodes import Episode, EpisodeSampler
 from fewshot.data.reader import load_split, split_census
 from fewshot.errors import ConfigError, DataError
-from fewshot.methods.base import FewShotMethod
-from fewshot.runtime import Runtime
+from fewshot.methods.base import Predictor
+from fewshot.runtime import Runtime, using_threads
 from fewshot.streams import Stream
 
 
@@ -49,33 +48,27 @@ def mean_ci(accuracies: Iterable[float]) -> Accuracy:
 
 
 def episode_accuracies(
-    method: FewShotMethod,
+    method: Predictor,
     episodes: Iterable[Episode],
-    runtime=None,
+    runtime: Runtime | None = None,
     transductive: bool = False,
 ) -> list[float]:
     """Per-episode query accuracy; the method is put in eval mode and restored.
 
-    runtime: a `fewshot.runtime.Runtime` (device, autocast dtype, memory format); CPU fp32
-    when None. transductive: the queries of an episode classified together
-    (`predict_transductive`, evaluate.transductive), else each on its own.
+    runtime: where and how the episodes are computed (`Runtime.predict`: device,
+    precision, memory format), with its threads while they are; CPU fp32 on the
+    process's threads when None. transductive: the queries of an episode classified
+    together (`predict_transductive`, evaluate.transductive), else each on its own.
     """
-    predict = method.predict_transductive if transductive else method.predict
-    device = runtime.device if runtime else torch.device("cpu")
-    amp = runtime.amp if runtime else None
-    memory_format = runtime.memory_format if runtime else torch.contiguous_format
+    runtime = runtime or Runtime.here()
     was_training = method.training
     method.eval()
     accuracies = []
     try:
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-        ):
-            for episode in episodes:
-                episode = episode.to(device, memory_format)
-                logits = predict(episode.support_x, episode.support_y, episode.query_x)
-                accuracies.append((logits.argmax(1) == episode.query_y).float().mean().item())
+        with using_threads(runtime.threads):
+            for e in episodes:
+                logits = runtime.predict(method, e.support_x, e.support_y, e.query_x, transductive)
+                accuracies.append((logits.argmax(1) == e.query_y).float().mean().item())
     finally:
         method.train(was_training)
     return accuracies
@@ -108,10 +101,10 @@ def check_test_split(config: Config, split: str | None = None) -> None:
 
 
 def evaluate_method(
-    method: FewShotMethod, config: Config, episodes: int | None = None, split: str | None = None
+    method: Predictor, config: Config, episodes: int | None = None, split: str | None = None
 ) -> Accuracy:
     """Accuracy on the fixed test episodes of `config` (test split, eval shape, eval seed),
-    computed where and how the config trains (device, precision, memory format)."""
+    computed where and how the config trains (device, precision, memory format, threads)."""
     check_test_split(config, split)
     runtime = Runtime.of(config.train)
     method.to(runtime.device, memory_format=runtime.memory_format)

@@ -14,12 +14,26 @@ chosen for the hardware the process lands on.
 - threads: the CPUs this process is given (a Ray worker's CPU allotment, else the
   CPUs it may run on), not torch's default. Several processes on one node each
   spinning OpenMP threads for every core slow each other down. An explicit count above
-  the CPUs the process may run on is refused (`check_threads`).
+  the CPUs the process may run on is refused (`check_threads`). The count is a
+  process-wide setting, so choosing a runtime leaves it alone: whoever owns the process
+  applies it (`Runtime.apply`: a training worker, a server), while a model loaded into
+  someone else's process computes with that process's threads.
 
 With more than one candidate and a `Probe` (a training step of the run's own episode
 shape), a few timed steps of each decide, and the result is cached per machine and
 shape (`cache_path()`), so a second run pays nothing. Without a probe (evaluation, a
 benchmark's fixed setting) the rule is channels_last.
+
+A probe timed while other work ran is slowed 2 to 7 times (two OpenMP threads on two
+cores wait for each other at every operation), and its answer would stay in the cache
+for every later run. So the cache keeps an answer only while runs confirm it
+(`confirm_cache`): once a run has timed its first training steps (train/budget.py: the
+fastest of 3 windows of 10 steps), it compares its speed in episodes (tasks) per second
+with the probe's for the execution it trains with. A run `CONTENDED_PROBE` (1.5) times
+faster than the probe said means the probe was slowed by other work: the entry is
+dropped, and the next run probes again. A run slower than the probe says nothing about
+the probe (the run may be the one slowed, and a training step also samples episodes
+and steps the optimiser), so that entry stays.
 
 Freed memory is kept in the process (`keep_freed_memory`): a training step allocates
 and frees the same activation buffers, a few MB each, and by default glibc serves
@@ -51,12 +65,16 @@ import torch
 
 from fewshot.config import TrainConfig
 from fewshot.errors import ConfigError
+from fewshot.methods.base import Predictor, map_tensors
 
 # bf16 convolution against fp32 on a CPU without native bf16 (AMD EPYC, AVX2 only,
 # conv4 28 px: 0.7-0.8 against 5-6 episodes/s; ../shared/specs/platform-notes.md).
 EMULATED_BF16_SLOWDOWN = "7 to 8 times"
 PROBE_SECONDS = 2.0  # time budget of one candidate's timed steps, after a warm-up step
 PROBE_STEPS = 3
+# A run this many times faster (episodes per second) than the probe of its execution
+# said: the probe was slowed by other work (module docstring).
+CONTENDED_PROBE = 1.5
 # oneDNN's ISA levels without bf16 instructions (its ONEDNN_MAX_CPU_ISA names).
 BELOW_BF16_ISAS = {
     "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"
@@ -234,6 +252,7 @@ class Runtime:
     threads: int
     chosen_by: str = "rule"  # config | rule | probe | cache
     speeds: tuple[tuple[str, float], ...] = ()  # the probe's steps/s per candidate
+    cache_key: str | None = None  # the cache entry of the probe's answer (confirm_cache)
 
     @property
     def amp(self) -> torch.dtype | None:
@@ -250,16 +269,17 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def with_execution(self, execution: Execution) -> Runtime:
-        return Runtime(self.device, execution, self.threads, self.chosen_by, self.speeds)
+        return Runtime(
+            self.device, execution, self.threads, self.chosen_by, self.speeds, self.cache_key
+        )
 
     @classmethod
     def of(cls, train: TrainConfig, cpus: float | None = None, probe: Probe | None = None):
-        """The runtime of `train` (the config's `train` section); applies the thread
-        count (a process-wide setting). `cpus`: a Ray worker's CPU allotment."""
+        """The runtime of `train` (the config's `train` section): a choice, which leaves the
+        process's thread count as it was (`apply` makes it the process's). `cpus`: a Ray
+        worker's CPU allotment."""
         check_threads(train.threads)
         threads = train.threads or available_cpus(cpus)
-        torch.set_num_threads(threads)
-        keep_freed_memory()
         device = pick_device(train.device)
         options = candidates(train, device)
         if len(options) == 1:
@@ -275,6 +295,50 @@ class Runtime:
         rule's choice for this machine (bf16 where the device computes it natively,
         channels_last) on the CPUs given (`cpus`: a Ray Serve replica's share)."""
         return cls.of(TrainConfig(), cpus)
+
+    @classmethod
+    def here(cls) -> Runtime:
+        """CPU fp32 on the process's threads: computing with no runtime chosen."""
+        return cls(torch.device("cpu"), Execution("fp32", False), torch.get_num_threads())
+
+    def apply(self) -> Runtime:
+        """Make the process compute with this runtime's threads (a process-wide setting),
+        keeping freed memory (`keep_freed_memory`). For whoever owns the process: a
+        training worker, a server; a model loaded into someone else's process leaves
+        them as they are."""
+        torch.set_num_threads(self.threads)
+        keep_freed_memory()
+        return self
+
+    def computed(self, function: Callable, *args):
+        """`function(*args)` (a model's `predict`, `features`, `prepare` or `score`) as this
+        runtime computes: the tensors of `args` (alone, or in the dicts and tuples of
+        features and prepared support sets) on its device and, images [B, C, H, W], in
+        its memory format; its precision; no autograd. The result's tensors come back on
+        the CPU in fp32."""
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4:
+                return x.to(self.device, memory_format=self.memory_format)
+            return x.to(self.device)
+
+        with torch.no_grad(), self.autocast():
+            result = function(*(map_tensors(move, a) for a in args))
+        return map_tensors(lambda x: x.float().cpu(), result)
+
+    def predict(
+        self,
+        model: Predictor,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        transductive: bool = False,
+    ) -> torch.Tensor:
+        """A task's logits [M, N] from `model`'s whole-task `predict` (its
+        `predict_transductive` with `transductive`), as this runtime computes: the one
+        path of a task through a model, for the pyfunc, both servers and evaluation."""
+        predict = model.predict_transductive if transductive else model.predict
+        return self.computed(predict, support_x, support_y, query_x)
 
     def params(self) -> dict[str, str]:
         """The choice as run params (`runtime.*`)."""
@@ -331,10 +395,14 @@ def read_cache() -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def write_cache(key: str, entry: dict) -> None:
-    """Add one answer; atomic, so concurrent runs leave a whole file either way."""
-    path = cache_path()
-    cache = {**read_cache(), key: entry}
+def write_cache(key: str, entry: dict | None) -> None:
+    """Add one answer, or drop it (`entry` None); atomic, so concurrent runs leave a whole
+    file either way."""
+    path, cache = cache_path(), read_cache()
+    if entry is None:
+        cache.pop(key, None)
+    else:
+        cache[key] = entry
     with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -366,15 +434,49 @@ def choose(base: Runtime, options: list[Execution], probe: Probe) -> Runtime:
         known = {str(o): o for o in options}
         if cached.get("choice") in known:
             speeds = tuple((name, float(s)) for name, s in cached.get("speeds", []))
-            return Runtime(base.device, known[cached["choice"]], base.threads, "cache", speeds)
+            choice = known[cached["choice"]]
+            return Runtime(base.device, choice, base.threads, "cache", speeds, key)
     speeds = []
-    with fork_rng(base.device):  # the probe leaves the run's random streams as they were
+    # A probe times training steps in the training process, computing as the run will:
+    # with the run's threads, and freed memory kept (without it a step ran at 17.8
+    # instead of 27 per second; module docstring), as the run keeps it too.
+    keep_freed_memory()
+    # It leaves the run's random streams and the process's threads as they were.
+    with fork_rng(base.device), using_threads(base.threads):
         for option in options:
             runtime = base.with_execution(option)
             speeds.append((str(option), steps_per_second(lambda r=runtime: probe.step(r))))
     best = max(range(len(options)), key=lambda i: speeds[i][1])
     write_cache(key, {"choice": str(options[best]), "speeds": speeds, "shape": probe.shape})
-    return Runtime(base.device, options[best], base.threads, "probe", tuple(speeds))
+    return Runtime(base.device, options[best], base.threads, "probe", tuple(speeds), key)
+
+
+def confirm_cache(runtime: Runtime, episodes_per_second: float) -> str | None:
+    """Drop the cached probe behind `runtime` when a run trains `CONTENDED_PROBE` times
+    faster (`episodes_per_second`, one task's forward and backward pass each, as a probe
+    step is) than it said; returns the line to print then, else None."""
+    probed = dict(runtime.speeds).get(str(runtime.execution))
+    if runtime.cache_key is None or not probed or episodes_per_second < CONTENDED_PROBE * probed:
+        return None
+    write_cache(runtime.cache_key, None)
+    return (
+        f"runtime: training runs {episodes_per_second:.1f} episodes/s, {runtime.execution} "
+        f"was probed at {probed:.1f}: the probe ran beside other work, so it is dropped from "
+        f"{cache_path()} and the next run probes again"
+    )
+
+
+@contextlib.contextmanager
+def using_threads(threads: int) -> Iterator[None]:
+    """torch computes with `threads` threads inside the block, and with the process's own
+    count again after it. Only where one thread computes at a time: the count is
+    process-wide."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,6 @@
-"""What every registered method promises the loop, the registry and the server.
+"""What every registered method promises the loop, the registry and the server, and
+what every model that can be promoted (a method, or an ensemble of them) promises
+serving: the prediction contract (`Predictor`, methods/base.py).
 
 Tiny shapes (28 px, conv4 of width 8: 8 features) keep each method to a second."""
 
@@ -7,6 +9,8 @@ import torch
 
 from fewshot.data.episodes import Episode
 from fewshot.methods import METHODS
+from fewshot.methods.base import split_rows
+from fewshot.methods.ensemble import Ensemble
 from fewshot.safety import load_weights
 
 N_WAY = 3
@@ -17,11 +21,15 @@ FITS = {
 }
 
 
-@pytest.fixture(params=sorted(METHODS))
-def make(request, make_method):
-    name = request.param
+# Ensembles of two members: features of different shapes ([B, D], [B, S, d], [B, P, C]),
+# and one with a member that does not split, so neither does the ensemble.
+ENSEMBLES = ["protonet+subspace", "trml+mtl", "cfn+maml"]
+
+
+def settings(name: str) -> list[str]:
+    """The tiny settings of method `name`."""
     pretrain = ["pretrain.steps=1"] if METHODS[name].pretrains else []
-    overrides = [
+    return [
         "data.image_size=28",
         "backbone.width=8",
         f"method.name={name}",
@@ -30,7 +38,18 @@ def make(request, make_method):
         *pretrain,
         *FITS.get(name, []),
     ]
-    return lambda: make_method(*overrides)
+
+
+@pytest.fixture(params=sorted(METHODS))
+def make(request, make_method):
+    return lambda: make_method(*settings(request.param))
+
+
+@pytest.fixture(params=[*sorted(METHODS), *ENSEMBLES])
+def model(request, make_method):
+    """Every method, and the ENSEMBLES (members joined by '+'), in eval mode."""
+    members = [make_method(*settings(name)) for name in request.param.split("+")]
+    return (members[0] if len(members) == 1 else Ensemble(members)).eval()
 
 
 def images(count: int, seed: int) -> torch.Tensor:
@@ -91,17 +110,21 @@ def test_supports_way_is_honoured(make, n_way):
         assert shape != (4, n_way)
 
 
-def test_a_prepared_support_set_answers_queries_as_predict_does(make):
+def test_a_prepared_support_set_answers_queries_as_predict_does(model):
     """What the server's support cache relies on: supports prepared alone, queries embedded
     alone, in any batch, score as the whole episode does (eval mode)."""
-    method = make().eval()
     support_x, support_y, query_x = task(N_WAY, [1, 3, 2], queries=5)
-    if not method.splits_prediction:
-        with pytest.raises(NotImplementedError, match="does not split"):
-            method.prepare(method.features(support_x), support_y)
+    if not model.splits_prediction:
+        with pytest.raises(NotImplementedError, match="maml does not split"):
+            model.prepare(model.features(support_x), support_y)
         return
     with torch.no_grad():
-        expected = method.predict(support_x, support_y, query_x)
-        prepared = method.prepare(method.features(support_x), support_y)
-        one_by_one = torch.cat([method.score(prepared, method.features(q[None])) for q in query_x])
+        expected = model.predict(support_x, support_y, query_x)
+        prepared = model.prepare(model.features(support_x), support_y)
+        one_by_one = torch.cat([model.score(prepared, model.features(q[None])) for q in query_x])
+        # One batch of supports and queries, split per image (Ray Serve's batching).
+        both = torch.cat([support_x, query_x])
+        support_z, query_z = split_rows(model.features(both), [len(support_x), len(query_x)])
+        batched = model.score(model.prepare(support_z, support_y), query_z)
     torch.testing.assert_close(one_by_one, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)

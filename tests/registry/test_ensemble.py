@@ -61,7 +61,9 @@ def test_registered_ensemble_answers_with_the_mean_of_its_members_log_probabilit
     # p(n | q) = softmax_n(mean_m log_softmax(logits_m(q))), each member computed as the
     # loaded model computes (its precision and memory format).
     predicts = [m.eval().predict for _, m in members]
-    log_probs = [model.computed(p, support.x, support.y, queries).log_softmax(1) for p in predicts]
+    log_probs = [
+        model.runtime.computed(p, support.x, support.y, queries).log_softmax(1) for p in predicts
+    ]
     expected = torch.stack(log_probs).mean(0).softmax(1)
     got = torch.tensor([[a["probabilities"][n] for n in names] for a in answers])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

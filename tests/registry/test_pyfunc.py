@@ -24,7 +24,7 @@ from fewshot.registry.gate import promote
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.registry.pyfunc import INPUTS, FewShotModel
 from fewshot.registry.versions import current, register
-from fewshot.runtime import Runtime
+from fewshot.runtime import Runtime, usable_cpus
 from fewshot.streams import Stream
 
 
@@ -174,3 +174,16 @@ def test_predict_turns_request_errors_into_mlflow_400s():
         in_memory().predict(None, request)
     assert caught.value.get_http_status_code() == 400
     assert caught.value.message.startswith("support_images[0]: not base64")
+
+
+def test_loading_and_answering_leave_the_process_s_threads_as_they_were(tiny_runs, glyph):
+    """A loaded model computes in someone else's process: its thread count is theirs."""
+    register(tiny_runs.ids["tiny"], "threads", uri=tiny_runs.uri)
+    torch.set_num_threads(usable_cpus() + 1)  # not what a runtime would choose here
+    before = torch.get_num_threads()
+    with current(tiny_runs.uri):
+        pyfunc = mlflow.pyfunc.load_model("models:/threads/1")
+    assert torch.get_num_threads() == before
+    images = [glyph(i) for i in range(3)]
+    answers = pyfunc.unwrap_python_model().classify(images[:2], ["a", "b"], images[2:])
+    assert len(answers) == 1 and torch.get_num_threads() == before

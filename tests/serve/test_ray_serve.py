@@ -1,6 +1,8 @@
 """`fewshot serve --ray`: a real Ray Serve application on 127.0.0.1, two replicas, the
 real MLflow registry; against it the scoring server's contract, cached support sets,
-the limits, load, and a champion hot-swap under traffic."""
+the limits, load, and a champion hot-swap under traffic. The model served first is an
+ensemble of two tiny runs (the kind `make omniglot` promotes), the one swapped in a
+single ProtoNet: cached support sets are tested for both."""
 
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 from tests.serve.conftest import malformed, memory_mb, reset_peak, send
-from tests.serve.test_server import champion_of_tiny_run, fewshot, task
+from tests.serve.test_server import fewshot, task, tiny_run, tracking_store
 
 from fewshot.errors import RequestError
+from fewshot.pipeline import ensemble
 from fewshot.ray_cluster import free_port
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load, register
@@ -44,17 +47,28 @@ class RayServed:
     run_id: str
 
 
+def champion_ensemble(root: Path, store: Path) -> tuple[str, str]:
+    """Two tiny ProtoNets (seeds 0 and 1) and their ensemble, registered as version 1 of
+    NAME and promoted: (tracking URI, the first member's run id)."""
+    members = [tiny_run(f"member{seed}", root, store, f"seed={seed}") for seed in (0, 1)]
+    registry = ["registry.register=true", f"registry.name={NAME}"]
+    ensemble([str(m.run_dir) for m in members], [f"name={NAME}", *registry])
+    uri = tracking_store(root)
+    promote(NAME, uri=uri)
+    return uri, members[0].run_id
+
+
 @pytest.fixture(scope="module")
 def ray_served(tmp_path_factory, synthetic_store):
-    """A tiny model, registered and promoted, on Ray Serve with 2 replicas that follow
-    the champion alias (checked every 0.5 s)."""
+    """A two-member ensemble, registered and promoted, on Ray Serve with 2 replicas that
+    follow the champion alias (checked every 0.5 s); `run_id` is its first member's run."""
     import ray
     from ray import serve
 
     from fewshot.ray_cluster import connect
     from fewshot.serve.ray_app import Scale, application
 
-    uri, run_id = champion_of_tiny_run(NAME, tmp_path_factory.mktemp("ray-serve"), synthetic_store)
+    uri, run_id = champion_ensemble(tmp_path_factory.mktemp("ray-serve"), synthetic_store)
     port = free_port()
     connect(None)
     try:
@@ -125,7 +139,9 @@ def test_answers_equal_the_local_model_and_the_scoring_server(ray_served, tmp_pa
 
 @pytest.mark.cluster
 def test_a_cached_support_set_answers_as_the_full_request(ray_served):
+    """Of the ensemble: its members' prepared supports, each member scoring the queries."""
     support, queries = task(ray_served.store)
+    assert load(f"models:/{NAME}/1", ray_served.uri).method.name == "ensemble"
     posted = ray_served.client.post_supports(support)
     assert posted["classes"] == list(support)
     assert ray_served.client.post_supports(support)["support_id"] == posted["support_id"]
@@ -282,9 +298,13 @@ def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served):
     assert failures == []
     assert versions[0] == "1" and set(versions) == {"1", "2"}
     assert set(versions[swapped:]) == {"2"} and len(versions) - swapped >= 10
-    # A support set cached under version 1 is prepared again by version 2.
-    ray_served.client.classify(cached, queries)
+    # A support set cached under version 1 (the ensemble) is prepared again by version 2
+    # (a ProtoNet), and answers as a full request to it.
+    assert_same_answers(
+        ray_served.client.classify(cached, queries), ray_served.client.predict(support, queries)
+    )
     assert ray_served.client.model_version == "2"
+    assert load(f"models:/{NAME}/2", ray_served.uri).method.name == "protonet"
     with pytest.raises(RequestError, match="unknown, expired or evicted"):
         ray_served.client.classify("s-never-posted", queries)
 

@@ -25,6 +25,7 @@ from fewshot.registry.gate import promote
 from fewshot.registry.versions import load
 from fewshot.serve import Client
 from fewshot.serve.client import _error_message, request_body
+from fewshot.train.runner import RunResult
 
 
 def fewshot(*args: str, uri: str, **kwargs):
@@ -41,11 +42,13 @@ class Served:
     server_pid: int  # uvicorn, one worker: the process that holds the model
 
 
-def champion_of_tiny_run(name: str, root: Path, store: Path) -> tuple[str, str]:
-    """A tiny model trained with `registry.register` in a tracking store under `root`, and
-    promoted: (tracking URI, training run id)."""
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    settings = [
+def tracking_store(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def tiny_run(name: str, root: Path, store: Path, *settings: str) -> RunResult:
+    """A tiny model trained under `settings`, tracked in `tracking_store(root)`."""
+    tiny = [
         f"name={name}",
         f"data.path={store}",
         "data.image_size=16",
@@ -56,10 +59,16 @@ def champion_of_tiny_run(name: str, root: Path, store: Path) -> tuple[str, str]:
         "train.threads=1",
         "evaluate.episodes=10",
         f"train.output_dir={root / 'runs'}",
-        f"tracking.uri={uri}",
-        "registry.register=true",
+        f"tracking.uri={tracking_store(root)}",
     ]
-    result = train(load_config(None, settings))
+    return train(load_config(None, [*tiny, *settings]))
+
+
+def champion_of_tiny_run(name: str, root: Path, store: Path) -> tuple[str, str]:
+    """A tiny model trained with `registry.register` in a tracking store under `root`, and
+    promoted: (tracking URI, training run id)."""
+    result = tiny_run(name, root, store, "registry.register=true")
+    uri = tracking_store(root)
     promote(name, uri=uri)
     return uri, result.run_id
 

@@ -2,6 +2,7 @@
 themselves are in test_gpu.py. The hardware checks are monkeypatched so that both
 kinds of CPU (and GPU) are tested on whichever machine runs the suite."""
 
+import json
 import time
 
 import mlflow
@@ -14,7 +15,9 @@ from fewshot.data.episodes import to_device
 from fewshot.errors import ConfigError
 from fewshot.runtime import Execution, Probe, Runtime
 from fewshot.tracking import tracking_uri
+from fewshot.train.budget import WINDOW_STEPS
 from fewshot.train.distributed import backend
+from fewshot.train.loop import Worker
 from fewshot.train.runner import train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -125,7 +128,29 @@ def test_threads_follow_the_cpus_a_ray_worker_is_given():
     assert runtime.available_cpus(0.5) == 1
     assert runtime.available_cpus(3.0) == 3
     assert runtime.available_cpus() >= 1
-    Runtime.of(train_section(), cpus=1.0)
+    torch.set_num_threads(runtime.usable_cpus() + 1)  # neither 1 nor what a choice gives
+    before = torch.get_num_threads()
+    chosen = Runtime.of(train_section(), cpus=1.0)
+    assert chosen.threads == 1
+    assert torch.get_num_threads() == before  # a choice, not applied
+    chosen.apply()
+    assert torch.get_num_threads() == 1
+
+
+def test_a_probe_times_with_the_runs_threads_then_gives_the_process_its_own(cache):
+    torch.set_num_threads(runtime.usable_cpus() + 1)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    options = [Execution("fp32", True), Execution("fp32", False)]
+    probe = Probe("threads", lambda r: seen.append(torch.get_num_threads()))
+    runtime.choose(Runtime(CPU, options[0], threads=1), options, probe)
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
+def test_a_training_worker_applies_its_threads(tiny_config, cache):
+    torch.set_num_threads(runtime.usable_cpus() + 1)
+    Worker(tiny_config("train.threads=1"))
     assert torch.get_num_threads() == 1
 
 
@@ -183,3 +208,32 @@ def test_nccl_for_gpu_workers_gloo_otherwise():
     assert backend(load_config(None, ["distributed.workers=2"])) == "gloo"
     gpu = load_config(None, ["distributed.workers=2", "distributed.use_gpu=true"])
     assert backend(gpu) == "nccl"
+
+
+def test_a_cached_probe_that_a_run_outpaces_is_dropped(cache):
+    key = "machine-and-shape"
+    runtime.write_cache(key, {"choice": "fp32", "speeds": [["fp32", 10.0]], "shape": "s"})
+    chosen = Runtime(CPU, Execution("fp32", False), 1, "cache", (("fp32", 10.0),), key)
+    assert runtime.confirm_cache(chosen, 14.0) is None  # about what the probe said
+    assert runtime.confirm_cache(chosen, 2.0) is None  # a busy run says nothing of it
+    assert key in runtime.read_cache()
+    line = runtime.confirm_cache(chosen, 40.0)
+    assert key not in runtime.read_cache()
+    assert line.startswith("runtime: training runs 40.0 episodes/s, fp32 was probed at 10.0")
+
+
+def test_a_contended_probe_does_not_stay_in_the_cache(tiny_config, cache):
+    config = tiny_config("train.steps=40")
+    assert Worker(config).runtime.chosen_by == "probe"
+    # What a probe timed beside other work would have written: the same candidates, much
+    # slower (a hundredth: contention costs 2 to 7 times, so that this run outpaces it
+    # however busy the machine is while it runs).
+    (key,) = json.loads(cache.read_text())
+    entry = runtime.read_cache()[key]
+    runtime.write_cache(key, {**entry, "speeds": [[n, s / 100] for n, s in entry["speeds"]]})
+    contended = Worker(config)
+    assert contended.runtime.chosen_by == "cache"
+    for _ in range(3 * WINDOW_STEPS + 1):  # the start-up windows time the run
+        contended.train_step()
+    assert key not in runtime.read_cache()
+    assert Worker(config).runtime.chosen_by == "probe"  # the next run measures again

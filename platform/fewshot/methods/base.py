@@ -1,4 +1,5 @@
-"""The interface every method implements, and the registry that names them.
+"""The interface every method implements, the prediction contract every model keeps
+(`Predictor`: a method, or an ensemble of them), and the registry that names methods.
 
 A method owns only the mathematics: given an episode it returns a loss with named
 parts, and given a support set it classifies queries. The training loop owns the
@@ -7,8 +8,9 @@ optimiser, precision, distribution, logging and checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,41 @@ class Loss:
         return (self.logits.argmax(dim=1) == query_y).float().mean()
 
 
+# What a model computes of each image (`Predictor.features`): a tensor [B, ...]; an
+# ensemble's is the tuple of its members'.
+Features = torch.Tensor | tuple["Features", ...]
+# A support set as a model's `score` takes it (`Predictor.prepare`): named tensors; an
+# ensemble's is the tuple of its members'.
+Prepared = dict[str, torch.Tensor] | tuple["Prepared", ...]
+
+
+def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], value):
+    """`function` applied to every tensor of `value` (a tensor, or a dict or tuple of
+    such values: features, a prepared support set), its structure kept."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(function, v) for key, v in value.items()}
+    return tuple(map_tensors(function, v) for v in value)
+
+
+def tensors(value) -> Iterator[torch.Tensor]:
+    """Every tensor of `value`, as `map_tensors` visits them."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    else:
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from tensors(v)
+
+
+def split_rows(z: Features, sizes: list[int]) -> list[Features]:
+    """Features of a batch of sum(sizes) images -> those of each consecutive part, in the
+    same structure (an ensemble's: each member's rows split alike)."""
+    if isinstance(z, torch.Tensor):
+        return list(z.split(sizes))
+    return [tuple(part) for part in zip(*(split_rows(m, sizes) for m in z), strict=True)]
+
+
 @dataclass(frozen=True)
 class Shape:
     """What a method needs to know about its inputs and episodes when built."""
@@ -52,8 +89,61 @@ class Shape:
     k_shot: int = 1
 
 
+class Predictor(Protocol):
+    """The prediction contract: what the pyfunc, both servers and evaluation ask of a
+    model, a `FewShotMethod` or an `Ensemble` of them (methods/ensemble.py).
+
+    A task is N classes given by supports support_x [S, C, H, W] with labels support_y
+    [S] in 0..N-1, and queries query_x [M, C, H, W]. `predict` answers the whole task,
+    logits [M, N]. Where `splits_prediction`, the same answer comes in two halves, so
+    that a support set prepared once answers any number of queries (Ray Serve's
+    /supports and /classify):
+
+        predict(s_x, s_y, q_x) = score(prepare(features(s_x), s_y), features(q_x)),
+
+    `features` a function of each image alone (in eval mode), so that any batching of the
+    images gives the same answer (tests/methods/test_contract.py holds every model to it,
+    to 1e-5). A model that adapts to the whole task (MAML: batch statistics of supports
+    and queries together) does not split; its `prepare` raises NotImplementedError.
+    """
+
+    name: str
+    shape: Shape  # the training shape: channels, image size, ways
+    splits_prediction: bool
+    transductive: bool  # whether it has `predict_transductive` (evaluate.transductive)
+
+    def answers_way(self, n_way: int) -> bool:
+        """Whether this trained model can answer `n_way`-way tasks."""
+        ...
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """The whole task -> logits [M, N]."""
+        ...
+
+    def predict_transductive(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """`predict` with the queries seen together: each query's logits may depend on the
+        others."""
+        ...
+
+    def features(self, x: torch.Tensor) -> Features:
+        """Images [B, C, H, W] -> what `prepare` and `score` take of each image, [B, ...]."""
+        ...
+
+    def prepare(self, support_z: Features, support_y: torch.Tensor) -> Prepared:
+        """Support features [S, ...], labels [S] -> the support set as `score` takes it."""
+        ...
+
+    def score(self, prepared: Prepared, query_z: Features) -> torch.Tensor:
+        """A prepared support set of N classes, query features [M, ...] -> logits [M, N]."""
+        ...
+
+
 class FewShotMethod(nn.Module):
-    """Base class. Subclasses set `name` and `Params`, and implement `predict`.
+    """Base class, a `Predictor`. Subclasses set `name` and `Params`, and implement `predict`.
 
     The default `loss` is cross-entropy of `predict`'s logits on the queries;
     methods with extra terms or an inner loop override it.
@@ -75,10 +165,10 @@ class FewShotMethod(nn.Module):
     # True for methods that start from a backbone pre-trained on whole base classes
     # (`pretrain.steps`, train/pretrain.py) and keep it frozen by default.
     pretrains: ClassVar[bool] = False
-    # True for methods whose prediction splits in two (`features`, `prepare`, `score`):
-    # a support set prepared once then answers any number of queries (serve/). False
-    # where prediction adapts to the whole episode: MAML's inner loop on the supports
-    # with batch statistics, MTL's classifier fine-tuned on them.
+    # True for methods whose prediction splits in two (`features`, `prepare`, `score`;
+    # `Predictor`): a support set prepared once then answers any number of queries.
+    # False where prediction adapts to the whole episode: MAML's inner loop on the
+    # supports and queries with batch statistics.
     splits_prediction: ClassVar[bool] = False
     # True for methods with `predict_transductive` (evaluate.transductive).
     transductive: ClassVar[bool] = False
@@ -126,8 +216,8 @@ class FewShotMethod(nn.Module):
         raise NotImplementedError(f"{self.name} does not split its prediction")
 
     def prepare(self, support_z: torch.Tensor, support_y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Support features [N*K, ...], labels [N*K] -> the support set as `score` needs it
-        (ProtoNet: the prototypes)."""
+        """Support features [N*K, ...], labels [N*K] -> the support set as `score` needs it,
+        named tensors (ProtoNet: the prototypes)."""
         raise NotImplementedError(f"{self.name} does not split its prediction")
 
     def score(self, prepared: dict[str, torch.Tensor], query_z: torch.Tensor) -> torch.Tensor:

@@ -6,21 +6,30 @@ its own seed or settings, combined at test time,
     log p(n | q) = mean_m log_softmax(logits_m(q))[n]          [M, N],
 
 a normalised geometric mean of the members' probabilities once softmaxed again. It
-answers where every member answers (`answers_way`), and to the registry, the gate and
-serving it is one model (model_file.py writes its members into one model file).
+keeps the prediction contract (`Predictor`, methods/base.py) member by member: its
+features and its prepared support set are the tuples of its members', its score the
+same mean of the members' scores, so it splits where every member splits. It answers
+where every member answers (`answers_way`), and to the registry, the gate and serving
+it is one model (model_file.py writes its members into one model file).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from fewshot.methods.base import FewShotMethod
+from fewshot.methods.base import Features, FewShotMethod, Prepared
+
+
+def mean_log_probs(logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The members' logits, each [M, N] -> mean_m log_softmax(logits_m) [M, N] (fp32)."""
+    return torch.stack([x.float().log_softmax(1) for x in logits]).mean(0)
 
 
 class Ensemble(nn.Module):
     name = "ensemble"
-    splits_prediction = False  # serving calls `predict` on the whole task
 
     def __init__(self, members: list[FewShotMethod]) -> None:
         super().__init__()
@@ -30,6 +39,10 @@ class Ensemble(nn.Module):
     def shape(self):
         """The first member's training shape (channels, ways), which the others share."""
         return self.members[0].shape
+
+    @property
+    def splits_prediction(self) -> bool:
+        return all(m.splits_prediction for m in self.members)
 
     @property
     def transductive(self) -> bool:
@@ -42,16 +55,26 @@ class Ensemble(nn.Module):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> torch.Tensor:
         """The members' `predict` inputs -> mean log-probabilities [M, N]."""
-        predicts = [m.predict for m in self.members]
-        return self._mean_log_probs(predicts, support_x, support_y, query_x)
+        return mean_log_probs(m.predict(support_x, support_y, query_x) for m in self.members)
 
     def predict_transductive(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> torch.Tensor:
         """The mean of the members' transductive log-probabilities [M, N]."""
-        predicts = [m.predict_transductive for m in self.members]
-        return self._mean_log_probs(predicts, support_x, support_y, query_x)
+        return mean_log_probs(
+            m.predict_transductive(support_x, support_y, query_x) for m in self.members
+        )
 
-    @staticmethod
-    def _mean_log_probs(predicts, *task: torch.Tensor) -> torch.Tensor:
-        return torch.stack([predict(*task).float().log_softmax(1) for predict in predicts]).mean(0)
+    def features(self, x: torch.Tensor) -> tuple[Features, ...]:
+        """Images [B, C, H, W] -> each member's features, [B, ...] each."""
+        return tuple(m.features(x) for m in self.members)
+
+    def prepare(self, support_z: tuple[Features, ...], support_y: torch.Tensor) -> Prepared:
+        """Each member's support features, labels [S] -> each member's prepared set."""
+        return tuple(m.prepare(z, support_y) for m, z in zip(self.members, support_z, strict=True))
+
+    def score(self, prepared: tuple[Prepared, ...], query_z: tuple[Features, ...]) -> torch.Tensor:
+        """Each member's prepared set and query features -> mean_m log_softmax(score_m)
+        [M, N], as `predict`."""
+        members = zip(self.members, prepared, query_z, strict=True)
+        return mean_log_probs(m.score(p, z) for m, p, z in members)

@@ -36,7 +36,7 @@ import fewshot
 from fewshot import model_file
 from fewshot.config import Config
 from fewshot.errors import FewShotError, RegistryError, RequestError
-from fewshot.methods import FewShotMethod
+from fewshot.methods.base import Predictor
 from fewshot.registry.preprocess import Preprocessing
 from fewshot.runtime import Runtime
 
@@ -60,7 +60,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     # build one from; this flag stops MLflow warning that they are missing.
     _skip_type_hint_validation = True
     config: Config
-    method: FewShotMethod
+    method: Predictor  # a method, or an ensemble of them
     preprocessing: Preprocessing
     runtime: Runtime  # how it computes on the machine that loaded it
 
@@ -68,36 +68,16 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
         config, method = model_file.load(context.artifacts[ARTIFACT], "a registered fewshot model")
         self.use(config, method, Preprocessing.from_dict(context.model_config))
 
-    def use(
-        self, config: Config, method: FewShotMethod, preprocessing: Preprocessing
-    ) -> FewShotModel:
+    def use(self, config: Config, method: Predictor, preprocessing: Preprocessing) -> FewShotModel:
         """Answer with `method`, trained under `config`, computing as this machine does
-        best (`Runtime.for_inference`)."""
+        best (`Runtime.for_inference`), on the threads of the process that loads it (a
+        server applies its own: serve/)."""
         self.config, self.preprocessing = config, preprocessing
         self.runtime = Runtime.for_inference()
         self.method = method.eval().to(
             self.runtime.device, memory_format=self.runtime.memory_format
         )
         return self
-
-    def computed(self, function, *args):
-        """`function(*args)` (a method's `predict`, `features`, `prepare` or `score`) as
-        this model computes: tensors (alone or in a dict) on its device and in its memory
-        format, its precision, no autograd; the result back on the CPU in fp32."""
-        r = self.runtime
-
-        def move(x):
-            if isinstance(x, dict):
-                return {k: move(v) for k, v in x.items()}
-            if x.dim() == 4:
-                return x.to(r.device, memory_format=r.memory_format)
-            return x.to(r.device)
-
-        with torch.no_grad(), r.autocast():
-            result = function(*(move(a) for a in args))
-        if isinstance(result, dict):
-            return {k: v.float().cpu() for k, v in result.items()}
-        return result.float().cpu()
 
     def predict(self, context, model_input, params=None):
         """model_input: {name: 1-D string array} for the three INPUTS -> list of answers."""
@@ -131,9 +111,11 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
         """Encoded support images with their labels, encoded queries -> one
         `{"label", "probabilities"}` per query."""
         support = self.support_set(support_images, support_labels)
-        query_x = self.queries(query_images)
-        logits = self.computed(self.method.predict, support.x, support.y, query_x)  # [M, N]
-        return answers(support.classes, logits)
+        return answers(support.classes, self.predict_task(support, self.queries(query_images)))
+
+    def predict_task(self, support: SupportSet, query_x: torch.Tensor) -> torch.Tensor:
+        """The task's logits [M, N] as this model computes them (`Runtime.predict`)."""
+        return self.runtime.predict(self.method, support.x, support.y, query_x)
 
     def support_set(
         self, support_images: Sequence[bytes], support_labels: Sequence[str]

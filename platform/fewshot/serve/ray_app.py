@@ -20,10 +20,11 @@ Every answer names the model version that produced it, in the body and in the he
   request of the model's own input example, and only then report ready.
 - **Batching**: the images of concurrent requests to a replica go through the backbone
   in one forward pass (`serve.batch`, at most `MAX_BATCH` requests, waiting at most
-  `BATCH_WAIT_S` for them), for methods whose prediction splits into per-image features
-  and a support-set step (`FewShotMethod.splits_prediction`). MAML adapts with batch
-  statistics of the whole task and is answered request by request; it cannot cache a
-  support set, and /supports says so.
+  `BATCH_WAIT_S` for them), for models whose prediction splits into per-image features
+  and a support-set step (`Predictor.splits_prediction`: every method but MAML, and an
+  ensemble of such methods). MAML adapts with batch statistics of the whole task and is
+  answered request by request (`Runtime.predict`, as the pyfunc answers); it cannot
+  cache a support set, and /supports says so.
 - **Cached support sets** live in one `SupportStore` deployment that every replica asks
   (serve/supports.py), so a support set posted through one replica is found by all; each
   replica keeps the sets it used in a cache of its own in front of it (an id names fixed
@@ -53,9 +54,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from fewshot.errors import FewShotError, RequestError
+from fewshot.methods.base import Features, Prepared, split_rows
 from fewshot.ray_cluster import connect as join_ray
-from fewshot.registry.pyfunc import FewShotModel, answers, decode_base64, input_example
+from fewshot.registry.pyfunc import FewShotModel, SupportSet, answers, decode_base64, input_example
 from fewshot.registry.versions import CHAMPION, alias_version, connect, load
+from fewshot.runtime import Runtime
 from fewshot.serve.limits import Limits, Refused, check_request, read_body
 from fewshot.serve.server import Options, resolve
 from fewshot.serve.supports import Entry, SupportCache, support_id
@@ -73,27 +76,23 @@ class Loaded:
     model: FewShotModel
 
 
-def load_version(name: str, version: str, uri: str | None, threads: int) -> Loaded:
-    """Version `version` of `name`, loaded and warmed with its own input example, computing
-    with `threads` torch threads (the replica's CPUs)."""
+def load_version(name: str, version: str, uri: str | None) -> Loaded:
+    """Version `version` of `name`, loaded and warmed with its own input example."""
     model = load(f"models:/{name}/{version}", uri)
-    torch.set_num_threads(threads)  # loading chose threads for the whole machine
     example = input_example(model.config, model.preprocessing)
     support = model.support_set(
         decode_base64(example["support_images"], "support_images"), example["support_labels"]
     )
     queries = model.queries(decode_base64(example["query_images"], "query_images"))
-    method = model.method
-    predict = method.split_predict if method.splits_prediction else method.predict
-    model.computed(predict, support.x, support.y, queries)
+    model.predict_task(support, queries)
     return Loaded(version, model)
 
 
 async def computed(loaded: Loaded, function: Callable, *args):
-    """`function(*args)` as the model computes (`FewShotModel.computed`), in a worker
-    thread: the replica's event loop goes on taking requests, and filling the next
-    batch, while torch computes."""
-    return await asyncio.to_thread(loaded.model.computed, function, *args)
+    """`function(*args)` as the model computes (`Runtime.computed`), in a worker thread:
+    the replica's event loop goes on taking requests, and filling the next batch, while
+    torch computes."""
+    return await asyncio.to_thread(loaded.model.runtime.computed, function, *args)
 
 
 class NotFound(Exception):
@@ -112,7 +111,7 @@ class SupportStore:
     def put(self, key: str, entry: Entry) -> None:
         self.cache.put(key, entry)
 
-    def add_prepared(self, key: str, version: str, prepared: dict) -> None:
+    def add_prepared(self, key: str, version: str, prepared: Prepared) -> None:
         self.cache.add_prepared(key, version, prepared)
 
     def get(self, key: str) -> Entry | None:
@@ -139,10 +138,11 @@ class Replica:
         self.near = SupportCache(max_cache_bytes, cache_ttl_s)
         # Decoding refuses an image whose header declares more pixels (data/decode.py).
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
-        self.threads = max(
-            1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        )
-        self.loaded = load_version(name, version, uri, self.threads)
+        # The replica's process computes with its share of the CPUs.
+        Runtime.for_inference(
+            ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        ).apply()
+        self.loaded = load_version(name, version, uri)
         if follow_alias:
             threading.Thread(target=self.follow, args=(poll_s,), daemon=True).start()
 
@@ -153,7 +153,7 @@ class Replica:
             try:
                 version = alias_version(connect(self.uri), self.name, self.alias)
                 if version and version != self.loaded.version:
-                    self.loaded = load_version(self.name, version, self.uri, self.threads)
+                    self.loaded = load_version(self.name, version, self.uri)
                     log.info("now serving %s version %s", self.name, version)
             except FewShotError as exc:  # the registry is down or the alias gone: keep serving
                 log.warning("alias %s of %s: %s", self.alias, self.name, exc)
@@ -204,13 +204,12 @@ class Replica:
             decode_base64(inputs["support_images"], "support_images"), inputs["support_labels"]
         )
         queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
-        if not method.splits_prediction:
-            logits = await computed(loaded, method.predict, support.x, support.y, queries)
+        if method.splits_prediction:  # the task's images join the replica's batch
+            support_z, query_z = await self.features((loaded, [support.x, queries]))
+            prepared = await computed(loaded, method.prepare, support_z, support.y)
+            logits = await computed(loaded, method.score, prepared, query_z)
         else:
-            z = await self.features((loaded, torch.cat([support.x, queries])))
-            n = len(support.x)
-            prepared = await computed(loaded, method.prepare, z[:n], support.y)
-            logits = await computed(loaded, method.score, prepared, z[n:])
+            logits = await asyncio.to_thread(model.predict_task, support, queries)
         return {"predictions": answers(support.classes, logits)}
 
     async def supports(self, loaded: Loaded, inputs: dict) -> dict:
@@ -226,7 +225,7 @@ class Replica:
         support = loaded.model.support_set(images, labels)  # refuses a label count that differs
         key = support_id(images, labels)
         entry = Entry(images, list(labels), support.classes)
-        entry.prepared[loaded.version] = await self.prepare(loaded, support.x, support.y)
+        entry.prepared[loaded.version] = await self.prepare(loaded, support)
         if entry.size() > self.max_cache_bytes:
             raise Refused(
                 413,
@@ -252,30 +251,35 @@ class Replica:
             )
         prepared = entry.prepared.get(loaded.version)
         if prepared is None:  # posted under another version: prepare again from its images
-            support = loaded.model.support_set(entry.images, entry.labels)
-            prepared = await self.prepare(loaded, support.x, support.y)
+            prepared = await self.prepare(
+                loaded, loaded.model.support_set(entry.images, entry.labels)
+            )
             self.near.add_prepared(key, loaded.version, prepared)
             await self.store.add_prepared.remote(key, loaded.version, prepared)
         queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
-        z = await self.features((loaded, queries))
-        logits = await computed(loaded, loaded.model.method.score, prepared, z)
+        (query_z,) = await self.features((loaded, [queries]))
+        logits = await computed(loaded, loaded.model.method.score, prepared, query_z)
         return {"predictions": answers(entry.classes, logits)}
 
-    async def prepare(self, loaded: Loaded, support_x: torch.Tensor, support_y: torch.Tensor):
-        z = await self.features((loaded, support_x))
-        return await computed(loaded, loaded.model.method.prepare, z, support_y)
+    async def prepare(self, loaded: Loaded, support: SupportSet) -> Prepared:
+        (support_z,) = await self.features((loaded, [support.x]))
+        return await computed(loaded, loaded.model.method.prepare, support_z, support.y)
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def features(self, items: list[tuple[Loaded, torch.Tensor]]) -> list[torch.Tensor]:
-        """Per-image features of every request in the batch, one forward pass per model
-        version among them (two only while a swap is under way)."""
-        results: list[torch.Tensor | None] = [None] * len(items)
+    async def features(
+        self, items: list[tuple[Loaded, list[torch.Tensor]]]
+    ) -> list[list[Features]]:
+        """Per-image features (`Predictor.features`) of the images of every request in the
+        batch, one list of images [B, C, H, W] each, in one forward pass per model version
+        among them (two only while a swap is under way)."""
+        results: list[list[Features] | None] = [None] * len(items)
         for loaded in {id(item[0]): item[0] for item in items}.values():
             mine = [i for i, (other, _) in enumerate(items) if other is loaded]
-            images = [items[i][1] for i in mine]
+            images = [x for i in mine for x in items[i][1]]
             z = await computed(loaded, loaded.model.method.features, torch.cat(images))
-            for i, part in zip(mine, z.split([len(x) for x in images]), strict=True):
-                results[i] = part
+            parts = iter(split_rows(z, [len(x) for x in images]))
+            for i in mine:
+                results[i] = [next(parts) for _ in items[i][1]]
         return results
 
 

@@ -3,10 +3,10 @@
 A support set is named by a content hash of its labels and images (`support_id`), so
 posting the same set again gives the same id. The cache keeps, per id, the encoded
 images with their labels and, per model version, the support set as the model
-prepared it (`FewShotMethod.prepare`: ProtoNet's prototypes, MTL's fine-tuned
-classifier, ...). A replica of a newer version that finds only another version's
-preparation prepares the set again from the kept images, so a champion hot-swap
-invalidates nothing the caller holds.
+prepared it (`Predictor.prepare`: ProtoNet's prototypes, MTL's fine-tuned classifier,
+an ensemble's tuple of its members' preparations, ...). A replica of a newer version
+that finds only another version's preparation prepares the set again from the kept
+images, so a champion hot-swap invalidates nothing the caller holds.
 
 The cache is bounded twice: `max_bytes` over all entries (the images plus every
 preparation), least recently used out first, and `ttl_s` since an entry's last use.
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
+from fewshot.methods.base import Prepared, tensors
 
 
 def support_id(images: Sequence[bytes], labels: Sequence[str]) -> str:
@@ -40,12 +40,12 @@ class Entry:
     images: list[bytes]
     labels: list[str]
     classes: list[str]
-    prepared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # by version
+    prepared: dict[str, Prepared] = field(default_factory=dict)  # by model version
     used: float = 0.0
 
     def size(self) -> int:
-        tensors = (t for p in self.prepared.values() for t in p.values())
-        return sum(map(len, self.images)) + sum(t.numel() * t.element_size() for t in tensors)
+        kept = (t for p in self.prepared.values() for t in tensors(p))
+        return sum(map(len, self.images)) + sum(t.numel() * t.element_size() for t in kept)
 
 
 class SupportCache:
@@ -70,7 +70,7 @@ class SupportCache:
         self.total += entry.size()
         self._evict()
 
-    def add_prepared(self, key: str, version: str, prepared: dict[str, torch.Tensor]) -> None:
+    def add_prepared(self, key: str, version: str, prepared: Prepared) -> None:
         """Another version's preparation of an entry that is still here."""
         entry = self.entries.get(key)
         if entry is not None:
