@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fewshot.cli import bench, data, jobs, registry, run, tune
+from fewshot.cli import bench, data, gallery, jobs, registry, run, tune
 from fewshot.cli.common import user_errors_exit_2
 
 app = typer.Typer(
@@ -19,18 +19,20 @@ for command in (
     run.ensemble,
     run.evaluate,
     run.demo,
+    run.omniglot,
     registry.register,
     registry.promote,
     run.predict,
     registry.serve,
     tune.tune,
-    jobs.submit,
 ):
     app.command()(command)
+app.command(context_settings=jobs.SUBMIT_SETTINGS)(jobs.submit)
 app.add_typer(data.data_app, name="data")
 app.add_typer(registry.models_app, name="models")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(jobs.jobs_app, name="jobs")
+app.add_typer(gallery.gallery_app, name="gallery")
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The top-level commands that train a model or use one: train, evaluate, demo (the main
-job end to end) and predict."""
+job end to end), omniglot (the headline model end to end) and predict."""
 
 from __future__ import annotations
 
@@ -148,22 +148,65 @@ def demo(
     print_where(result.run_dir, result.run_id, cfg.tracking.uri)
 
 
+def omniglot(
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Folder with images_background_small1.zip and images_background_small2.zip."
+        ),
+    ] = Path("../shared/datasets/omniglot"),
+    # Text, not a float: `abc` or `nan` get the one-line budget rule, not a usage error.
+    minutes: Annotated[
+        str, typer.Option(help="Training budget in minutes, shared equally by the members.")
+    ] = "40",
+    set_: SetOpt = None,
+) -> None:
+    """What `make omniglot` runs: the headline model. Prepares the two small background
+    sets, trains the recipe's two members within the budget, combines them into one
+    model, registers it and promotes it to models:/omniglot@champion. Interrupted, it
+    resumes; run again, it does nothing."""
+    from rich.console import Console
+
+    from fewshot.recipes import omniglot as recipe
+
+    # Progress on stderr, as the training runs' own lines.
+    err = Console(stderr=True)
+    recipe.run(data, minutes, set_ or [], lambda line: err.print(line, highlight=False))
+
+
 def predict(
     model: Annotated[
         str, typer.Option(help="MLflow model URI: models:/NAME@champion, runs:/ID/fewshot, a path.")
     ],
-    support: Annotated[Path, typer.Option(help="One sub-folder of images per class (its label).")],
     query: Annotated[Path, typer.Option(help="Folder of images to classify.")],
+    support: Annotated[
+        Path | None, typer.Option(help="One sub-folder of images per class (its label).")
+    ] = None,
+    gallery: Annotated[
+        str | None, typer.Option(help="Instead of --support: a gallery's latest version.")
+    ] = None,
 ) -> None:
-    """Classify the query images among the support folder's classes; one JSON line per
-    query file, in file-name order: {"file", "label", "probabilities"}."""
+    """Classify the query images among the classes of the support folder, or of a gallery
+    (`fewshot gallery`); one JSON line per query file, in file-name order: {"file", "label",
+    "probabilities"}, and with --gallery the "model_version" and "gallery_version" used."""
+    from fewshot.errors import RequestError
+    from fewshot.registry import galleries
     from fewshot.registry.versions import connect, load
     from fewshot.serve.folders import read_query, read_support
 
-    images, labels = read_support(support)  # refuse bad folders before loading the model
+    if (support is None) == (gallery is None):
+        raise RequestError("give the classes with either --support DIR or --gallery NAME")
+    used = {}
+    if support is not None:
+        images, labels = read_support(support)  # refuse bad folders before loading the model
     names, queries = read_query(query)
+    if gallery is not None:
+        version = galleries.get(gallery)
+        images, labels = galleries.support(version)
+        model, model_version = galleries.pinned(model)
+        used = {"model_version": model_version, "gallery_version": version.version}
     if model.startswith(("models:/", "runs:/")):
         connect()  # these resolve through the tracking store: refuse a missing one
     answers = load(model).classify(images, labels, queries)
     for file, answer in zip(names, answers, strict=True):
-        print(json.dumps({"file": file, **answer}))
+        print(json.dumps({"file": file, **answer, **used}))

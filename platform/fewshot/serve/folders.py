@@ -3,6 +3,8 @@
     SUPPORT/LABEL/image...   one sub-folder per class; the folder name is the label
     QUERY/image...           the images to classify, answered in file-name order
 
+`read_images` reads image files named one by one (`fewshot gallery add`).
+
 Hidden files (`.DS_Store`) are skipped; any other file must be an image, so a stray
 file is reported rather than silently ignored.
 """
@@ -60,3 +62,11 @@ def read_query(directory: Path) -> tuple[list[str], list[bytes]]:
     if not files:
         raise RequestError(f"--query {directory}: no image files; put the images to classify in it")
     return [f.name for f in files], [_read(f) for f in files]
+
+
+def read_images(paths: list[Path], what: str) -> list[bytes]:
+    """Image files named one by one -> their encoded bytes, in the order given."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise RequestError(f"{what} {missing[0]}: not a file; name image files")
+    return [_read(Path(p)) for p in paths]
