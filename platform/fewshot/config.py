@@ -12,12 +12,14 @@ own pydantic model (`Params`), so adding a method never touches this file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, FewShotError
 from fewshot.methods import MethodParams, method_class
 
 # The one rule for the names of runs, searches and registered models. `.` or `..` would
@@ -479,6 +481,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for path, value in parse_overrides(overrides).items():
         set_value(raw, path, value)
     return raw
+
+
+def limits_from_env(
+    cls: type, variable: Callable[[str], str], error: type[FewShotError], env=None
+) -> Any:
+    """The dataclass `cls` of whole-number limits with each field whose environment
+    variable (`variable(field)`) is set taken from it: a whole number >= 1, else `error`
+    in one line. The servers' and the galleries' limits are set so."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in dataclasses.fields(cls):
+        text = env.get(variable(f.name))
+        if text is None:
+            continue
+        if not text.isdigit() or int(text) < 1:
+            raise error(f"{variable(f.name)}={text!r}: give a whole number >= 1")
+        values[f.name] = int(text)
+    return cls(**values)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

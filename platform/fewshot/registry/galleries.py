@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,6 +52,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from fewshot.config import limits_from_env
 from fewshot.data.decode import check_image
 from fewshot.errors import RegistryError, RequestError
 from fewshot.registry.versions import alias_version, check_name, connect, load
@@ -79,15 +79,7 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
-        values = {}
-        for f in fields(cls):
-            text = os.environ.get(cls.variable(f.name))
-            if text is None:
-                continue
-            if not text.isdigit() or int(text) < 1:
-                raise RegistryError(f"{cls.variable(f.name)}={text!r}: give a whole number >= 1")
-            values[f.name] = int(text)
-        return cls(**values)
+        return limits_from_env(cls, cls.variable, RegistryError)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ an environment variable (FEWSHOT_SERVE_MAX_IMAGES, ...).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fewshot.config import limits_from_env
 from fewshot.errors import ServeError
 
 INPUTS = ("support_images", "support_labels", "query_images")
@@ -49,16 +49,7 @@ class Limits:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Limits:
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            text = env.get(cls.variable(f.name))
-            if text is None:
-                continue
-            if not text.isdigit() or int(text) < 1:
-                raise ServeError(f"{cls.variable(f.name)}={text!r}: give a whole number >= 1")
-            values[f.name] = int(text)
-        return cls(**values)
+        return limits_from_env(cls, cls.variable, ServeError, env)
 
     def env(self) -> dict[str, str]:
         return {self.variable(f.name): str(getattr(self, f.name)) for f in fields(self)}
