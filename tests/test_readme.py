@@ -385,3 +385,22 @@ def test_configuration_table_names_every_section_and_key():
             if f"`{key}`" not in cells[name]:
                 missing.append(f"{name}.{key}")
     assert missing == []
+
+
+def test_the_gallery_recipes_requests_are_what_the_servers_take():
+    """Each curl of the galleries recipe, its `$(base64 ...)` an image's base64, is a
+    request the servers' checks take for its route (that the class survives a restart is
+    tests/serve/test_galleries.py's)."""
+    from fewshot.serve.galleries import route
+    from fewshot.serve.limits import Limits, check_request
+
+    (block,) = blocks(section("### Galleries"))
+    curls = [words for words in command_lines(block) if words[0] == "curl"]
+    assert len(curls) == 2
+    for words in curls:
+        (url,) = [w for w in words if w.startswith("localhost:5001/galleries/")]
+        name, kind = route(url.removeprefix("localhost:5001"))
+        assert name == "shop"
+        body = re.sub(r"\$\(base64 -w0 [^)]+\)", "iVBORw0KGgo=", option(words, "-d"))
+        assert option(words, "-H") == "Content-Type: application/json"
+        check_request(body.encode(), "application/json", Limits(), kind)

@@ -28,10 +28,11 @@ from tests.serve.test_server import fewshot, task, tiny_run, tracking_store
 from fewshot.errors import RequestError
 from fewshot.pipeline import ensemble
 from fewshot.ray_cluster import free_port
+from fewshot.registry import galleries
 from fewshot.registry.gate import promote
 from fewshot.registry.versions import load, register
 from fewshot.serve import Client
-from fewshot.serve.client import request_body
+from fewshot.serve.client import encoded, gallery_body, request_body
 from fewshot.serve.limits import ROUTES, Limits
 
 NAME = "rayserved"
@@ -84,6 +85,23 @@ def ray_served(tmp_path_factory, synthetic_store):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shelf(ray_served) -> dict[str, list[bytes]]:
+    """Gallery `shelf` of NAME's champion, created after the replicas started: 5 classes
+    of 1 image; returns the 6 classes of the task (the tests add the sixth)."""
+    support, _ = task(ray_served.store, n_way=6)
+    images, labels = flat({c: support[c] for c in list(support)[:5]})
+    galleries.create("shelf", f"models:/{NAME}@champion", images, labels, ray_served.uri)
+    return support
+
+
+def from_gallery(name: str, model_uri: str, uri: str, queries: list[bytes]) -> list[dict]:
+    """What the model answers locally with the gallery's latest version as the supports."""
+    return load(model_uri, uri).classify(
+        *galleries.support(galleries.get(name, uri=uri), uri), queries
+    )
 
 
 def post(port: int, path: str, body: bytes) -> tuple[int, dict, dict]:
@@ -159,7 +177,45 @@ def test_a_cached_support_set_answers_as_the_full_request(ray_served):
 
 
 @pytest.mark.cluster
-def test_every_route_answers_every_malformed_request_with_its_4xx(ray_served):
+def test_a_class_added_through_one_replica_is_answered_by_the_other(ray_served, shelf):
+    """Both replicas find a gallery created after they started; a class POSTed to one
+    replica is answered by the other within seconds (it follows the store), and every
+    answer equals the local model's with the gallery's images as the supports."""
+    _, queries = task(ray_served.store, n_way=6)
+    port, classes = ray_served.port, list(shelf)
+    status, first, _ = post(
+        port, "/galleries/shelf/classify", json.dumps(gallery_body(queries)).encode()
+    )
+    assert status == 200, first
+    assert (first["gallery"], first["gallery_version"], first["model_version"]) == (
+        "shelf", 1, "1"
+    )  # fmt: skip
+    expected = from_gallery("shelf", f"models:/{NAME}/1", ray_served.uri, queries)
+    assert_same_answers(first["predictions"], expected)
+
+    body = {"inputs": {"label": classes[5], "images": [encoded(shelf[classes[5]][0])]}}
+    status, added, headers = post(port, "/galleries/shelf/classes", json.dumps(body).encode())
+    assert status == 200 and added["gallery_version"] == 2 and added["classes"] == 6, added
+    adder = headers["x-fewshot-replica"]
+    written, seen = time.monotonic(), {}
+    while len(seen) < 2:  # until the other replica has answered with the new class
+        assert time.monotonic() - written < 15, f"only {seen} answered version 2"
+        status, answer, headers = post(
+            port, "/galleries/shelf/classify", json.dumps(gallery_body(queries)).encode()
+        )
+        assert status == 200, answer
+        if answer["gallery_version"] == 2:
+            seen[headers["x-fewshot-replica"]] = answer
+    print(f"both replicas answered version 2 {time.monotonic() - written:.1f} s after the add")
+    assert adder in seen
+    expected = from_gallery("shelf", f"models:/{NAME}/1", ray_served.uri, queries)
+    for answer in seen.values():
+        assert list(answer["predictions"][0]["probabilities"]) == classes
+        assert_same_answers(answer["predictions"], expected)
+
+
+@pytest.mark.cluster
+def test_every_route_answers_every_malformed_request_with_its_4xx(ray_served, shelf):
     """The scoring server's malformed requests (tests/serve/conftest.py) to each route
     that reads what they spoil: the same 4xx, never a 500, and serving goes on."""
     support, queries = task(ray_served.store, n_way=2)
@@ -168,11 +224,12 @@ def test_every_route_answers_every_malformed_request_with_its_4xx(ray_served):
         **good["inputs"],
         "support_id": ray_served.client.post_supports(support)["support_id"],
     }
+    path = {r: r.replace("/galleries/", "/galleries/shelf/") for r in ROUTES}
     for case, bad in malformed(inputs).items():
         for route, reads in ROUTES.items():
             if bad.spoils is not None and bad.spoils not in reads:
                 continue
-            status, answer = send(ray_served.port, route, bad.body, bad.content_type)
+            status, answer = send(ray_served.port, path[route], bad.body, bad.content_type)
             assert status == bad.status, (case, route, answer)
             assert answer["error_code"] in ("BAD_REQUEST", "REQUEST_LIMIT_EXCEEDED"), case
             assert len(answer["message"]) < 500, (case, route)
@@ -183,6 +240,7 @@ def test_every_route_answers_every_malformed_request_with_its_4xx(ray_served):
         "support_labels: 1 labels for 2 support_images; give one label per support image",
     )
     assert len(ray_served.client.invoke(good)) == len(queries)  # still serving
+    assert galleries.get("shelf", uri=ray_served.uri).version == 2  # no change was written
 
 
 def serve_processes() -> list[psutil.Process]:
@@ -257,11 +315,14 @@ def test_two_replicas_answer_400_requests_from_8_threads(ray_served):
 
 
 @pytest.mark.cluster
-def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served):
+def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served, shelf):
+    """Under traffic to /invocations and to a gallery; the gallery is embedded by the new
+    version before it answers, so its answers name the new version at once."""
     support, queries = task(ray_served.store)
     body = request_body(support, queries)
     cached = ray_served.client.post_supports(support)["support_id"]
     versions: list[str] = []
+    by_gallery: list[str] = []
     failures: list[str] = []
     stop = threading.Event()
 
@@ -272,6 +333,9 @@ def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served):
             try:
                 client.invoke(body)
                 versions.append(client.model_version)
+                answer = client.classify_gallery("shelf", queries)
+                assert answer["gallery_version"] == 2 and len(answer["predictions"]) == 5
+                by_gallery.append(answer["model_version"])
             except Exception as exc:  # noqa: BLE001 (any failure counts)
                 failures.append(repr(exc))
 
@@ -293,11 +357,17 @@ def test_a_promoted_champion_is_swapped_in_without_a_failed_request(ray_served):
             thread.join()
     print(
         f"hot-swap: {len(versions)} answers, {versions.count('1')} by version 1, "
-        f"{versions.count('2')} by version 2, {len(failures)} failed, swap seen at {swapped}"
+        f"{versions.count('2')} by version 2, {len(failures)} failed, swap seen at {swapped}; "
+        f"{len(by_gallery)} gallery answers, {by_gallery.count('2')} by version 2"
     )
     assert failures == []
     assert versions[0] == "1" and set(versions) == {"1", "2"}
     assert set(versions[swapped:]) == {"2"} and len(versions) - swapped >= 10
+    assert by_gallery[0] == "1" and by_gallery[-10:] == ["2"] * 10
+    assert_same_answers(
+        ray_served.client.classify_gallery("shelf", queries)["predictions"],
+        from_gallery("shelf", f"models:/{NAME}/2", ray_served.uri, queries),
+    )
     # A support set cached under version 1 (the ensemble) is prepared again by version 2
     # (a ProtoNet), and answers as a full request to it.
     assert_same_answers(
@@ -325,6 +395,34 @@ def test_the_cli_serves_on_ray_and_stops_what_it_started(ray_served, tmp_path):
         support, queries = task(ray_served.store)
         assert len(client.predict(support, queries)) == len(queries)
         assert client.model_version == "2"  # the champion after the hot-swap test
+        # A new server (its own process and Ray) loaded the gallery at start: it answers
+        # as the server that saw it change, as `fewshot predict --gallery` and as a full
+        # request with the gallery's images.
+        fresh = client.classify_gallery("shelf", queries)
+        running = ray_served.client.classify_gallery("shelf", queries)
+        assert (fresh["gallery_version"], fresh["model_version"]) == (2, "2")
+        assert_same_answers(fresh["predictions"], running["predictions"])
+        folder = tmp_path / "queries"
+        folder.mkdir()
+        for i, query in enumerate(queries):
+            (folder / f"q{i}.png").write_bytes(query)
+        predicted = subprocess.run(
+            [sys.executable, "-m", "fewshot.cli", "predict", "--model",
+             f"models:/{NAME}@champion", "--gallery", "shelf", "--query", str(folder)],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ray_served.uri},
+        )  # fmt: skip
+        assert_same_answers(
+            fresh["predictions"], [json.loads(line) for line in predicted.stdout.splitlines()]
+        )
+        images, labels = galleries.support(
+            galleries.get("shelf", uri=ray_served.uri), ray_served.uri
+        )
+        full = client.invoke({"inputs": {
+            "support_images": [encoded(i) for i in images], "support_labels": labels,
+            "query_images": [encoded(q) for q in queries],
+        }})  # fmt: skip
+        assert_same_answers(fresh["predictions"], full)
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=120)

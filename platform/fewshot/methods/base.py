@@ -8,7 +8,7 @@ optimiser, precision, distribution, logging and checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -77,6 +77,14 @@ def split_rows(z: Features, sizes: list[int]) -> list[Features]:
     if isinstance(z, torch.Tensor):
         return list(z.split(sizes))
     return [tuple(part) for part in zip(*(split_rows(m, sizes) for m in z), strict=True)]
+
+
+def cat_rows(parts: Sequence[Features]) -> Features:
+    """The inverse of `split_rows`: features of consecutive parts -> those of all their
+    rows, in order."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))
+    return tuple(cat_rows(members) for members in zip(*parts, strict=True))
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,15 @@ def labels(entries: Sequence[Entry]) -> list[str]:
 # Reading ------------------------------------------------------------------------------
 
 
+class UnknownGallery(RegistryError):
+    """No gallery of that name (a server's 404)."""
+
+
 def _experiment(client: MlflowClient, name: str):
     check_name(name)
     experiment = client.get_experiment_by_name(PREFIX + name)
     if experiment is None or experiment.lifecycle_stage != "active":
-        raise RegistryError(
+        raise UnknownGallery(
             f"gallery {name!r} does not exist; create it with "
             f"`fewshot gallery create {name} --model URI --support DIR`"
         )
@@ -188,6 +192,29 @@ def galleries(uri: str | None = None) -> list[Version]:
     found = client.search_experiments(filter_string=f"name LIKE '{PREFIX}%'")
     names = sorted(e.tags[TAG] for e in found if TAG in e.tags)
     return [_history(client, name)[-1] for name in names]
+
+
+def following(version: Version, uri: str | None = None) -> Version:
+    """The latest version of `version`'s gallery, found from `version` by its claimed
+    successors: one lookup when nothing changed, so a server can ask it every second."""
+    client = connect(uri)
+    run = client.get_run(version.run_id)
+    while successor := run.data.params.get(NEXT):
+        run = client.get_run(successor)
+    return version if run.info.run_id == version.run_id else _version(version.gallery, run)
+
+
+def model_name(model_uri: str) -> str | None:
+    """The registered model a model URI names (`models:/NAME@ALIAS`, `models:/NAME/V`), or
+    None for a run's or a folder's."""
+    path = model_uri.removeprefix("models:/")
+    return None if path == model_uri else path.partition("@")[0].partition("/")[0]
+
+
+def for_model(name: str, uri: str | None = None) -> list[Version]:
+    """The latest version of every gallery created for registered model `name`: what a
+    server of that model loads at start."""
+    return [v for v in galleries(uri) if model_name(v.model) == name]
 
 
 def entries(version: Version, uri: str | None = None) -> list[Entry]:

@@ -127,6 +127,13 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
                 f"support_labels: {len(support_labels)} labels for {len(support_images)} "
                 "support_images; give one label per support image"
             )
+        classes, y = self.classes_of(support_labels)
+        x = self.preprocessing.tensor(support_images, "support_images")  # [S, C, H, W]
+        return SupportSet(classes, x, y)
+
+    def classes_of(self, support_labels: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        """Support labels -> the task's classes (in order of first appearance) and each
+        support's class index y [S] in 0..N-1, refused when the model cannot answer it."""
         classes = list(dict.fromkeys(support_labels))
         if len(classes) < 2:
             raise RequestError(
@@ -135,9 +142,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
             )
         self.check_task(len(classes))
         index = {label: i for i, label in enumerate(classes)}
-        x = self.preprocessing.tensor(support_images, "support_images")  # [S, C, H, W]
-        y = torch.tensor([index[label] for label in support_labels])  # [S], 0..N-1
-        return SupportSet(classes, x, y)
+        return classes, torch.tensor([index[label] for label in support_labels])
 
     def queries(self, query_images: Sequence[bytes]) -> torch.Tensor:
         """Encoded queries -> float [M, C, H, W]."""

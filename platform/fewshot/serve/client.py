@@ -7,12 +7,18 @@
     answers = client.predict({"alpha": ["a1.png"], "beta": ["b1.png"]}, ["x.png", "y.png"])
     answers[0]["label"], answers[0]["probabilities"]
 
-Against Ray Serve (`fewshot serve NAME --ray`) a support set can be posted once and
+Against a gallery kept in the tracking store (`fewshot gallery`), queries only:
+
+    answer = client.classify_gallery("shop", ["x.png"])
+    answer["predictions"], answer["gallery_version"], answer["model_version"]
+    client.add_class("shop", "gamma", ["g1.png", "g2.png"])   # a new gallery version
+
+Against Ray Serve (`fewshot serve NAME --ray`) a support set can also be posted once and
 then named by its id:
 
     support_id = client.post_supports({"alpha": [...], "beta": [...]})["support_id"]
     answers = client.classify(support_id, ["x.png", "y.png"])
-    client.model_version   # the version that gave the last answer (Ray Serve only)
+    client.model_version   # the version that gave the last answer (Ray Serve, galleries)
 
 Images are file paths or encoded bytes (PNG or JPEG). Standard library only.
 """
@@ -26,13 +32,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from fewshot.errors import RequestError, ServeError
 
 Image = str | Path | bytes  # a file path, or the file's bytes
 
 
-def _base64(image: Image) -> str:
+def encoded(image: Image) -> str:
+    """An image as a request carries it: its file's bytes, base64."""
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     return base64.b64encode(data).decode("ascii")
 
@@ -40,19 +48,24 @@ def _base64(image: Image) -> str:
 def support_inputs(support: Mapping[str, Sequence[Image]]) -> dict:
     """A support set {label: images} as the request's `support_images` and `support_labels`."""
     return {
-        "support_images": [_base64(i) for images in support.values() for i in images],
+        "support_images": [encoded(i) for images in support.values() for i in images],
         "support_labels": [label for label, images in support.items() for _ in images],
     }
 
 
 def request_body(support: Mapping[str, Sequence[Image]], query: Sequence[Image]) -> dict:
     """The JSON body of `POST /invocations` for a support set {label: images} and queries."""
-    return {"inputs": {**support_inputs(support), "query_images": [_base64(i) for i in query]}}
+    return {"inputs": {**support_inputs(support), "query_images": [encoded(i) for i in query]}}
 
 
 def classify_body(support_id: str, query: Sequence[Image]) -> dict:
     """The JSON body of `POST /classify`: queries against a cached support set."""
-    return {"inputs": {"support_id": support_id, "query_images": [_base64(i) for i in query]}}
+    return {"inputs": {"support_id": support_id, "query_images": [encoded(i) for i in query]}}
+
+
+def gallery_body(query: Sequence[Image]) -> dict:
+    """The JSON body of `POST /galleries/NAME/classify`: queries only."""
+    return {"inputs": {"query_images": [encoded(i) for i in query]}}
 
 
 def _error_message(body: bytes) -> str:
@@ -109,6 +122,17 @@ class Client:
     def classify(self, support_id: str, query: Sequence[Image]) -> list[dict]:
         """Queries against a cached support set -> one {"label", "probabilities"} each."""
         return self.post("/classify", classify_body(support_id, query))["predictions"]
+
+    def classify_gallery(self, gallery: str, query: Sequence[Image]) -> dict:
+        """Queries against a gallery's latest version (both servers) -> {"predictions",
+        "gallery", "gallery_version", "model_version"}."""
+        return self.post(f"/galleries/{quote(gallery, safe='')}/classify", gallery_body(query))
+
+    def add_class(self, gallery: str, label: str, images: Sequence[Image]) -> dict:
+        """Add class `label` with `images` to a gallery (a new gallery version) -> {"gallery",
+        "gallery_version", "change", "classes", "images", "model_version"}."""
+        body = {"inputs": {"label": label, "images": [encoded(i) for i in images]}}
+        return self.post(f"/galleries/{quote(gallery, safe='')}/classes", body)
 
     def post(self, path: str, body: dict) -> dict:
         """POST `body` as JSON to `path`; the answer's JSON. A refused request raises

@@ -23,13 +23,21 @@ from fewshot.config import limits_from_env
 from fewshot.errors import ServeError
 
 INPUTS = ("support_images", "support_labels", "query_images")
-# The string lists each route's body holds under "inputs"; /classify also names a
-# cached support set by "support_id" (a string).
+# The string lists each route's body holds under "inputs" (a gallery's routes by their
+# kind: serve/galleries.py).
 ROUTES = {
     "/invocations": INPUTS,
     "/supports": ("support_images", "support_labels"),
     "/classify": ("query_images",),
+    "/galleries/classify": ("query_images",),
+    "/galleries/classes": ("images",),
 }
+# The single strings a route's "inputs" also hold, with what to send.
+STRINGS = {
+    "/classify": ("support_id", "the string that POST /supports answered"),
+    "/galleries/classes": ("label", "the class's label"),
+}
+IMAGES = ("support_images", "query_images", "images")
 QUOTE = 300  # characters of the request a 4xx answer may quote
 PADDED_BYTES_PER_CHAR = 4  # numpy's fixed-width unicode: every string as long as the longest
 
@@ -98,21 +106,19 @@ def check_request(
     except ValueError as exc:  # JSON and UTF-8 errors
         raise Refused(400, f"body: not valid JSON ({quote(str(exc), 120)})") from None
     inputs = tree.get("inputs") if isinstance(tree, dict) else None
+    string, what = STRINGS.get(route, (None, None))
     if not isinstance(inputs, dict):
         expected = ", ".join(
-            [
-                *(['"support_id": "..."'] if route == "/classify" else []),
-                *(f'"{n}": [...]' for n in names),
-            ]
+            [*([f'"{string}": "..."'] if string else []), *(f'"{n}": [...]' for n in names)]
         )
         raise Refused(400, f'body: expected {{"inputs": {{{expected}}}}}')
     for name in names:
         values = inputs.get(name)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise Refused(400, f"{name}: expected a list of strings")
-    if route == "/classify" and not isinstance(inputs.get("support_id"), str):
-        raise Refused(400, "support_id: expected the string that POST /supports answered")
-    images = sum(len(inputs[n]) for n in ("support_images", "query_images") if n in names)
+    if string and not isinstance(inputs.get(string), str):
+        raise Refused(400, f"{string}: expected {what}")
+    images = sum(len(inputs[n]) for n in IMAGES if n in names)
     if images > limits.max_images:
         raise Refused(
             413,
@@ -120,11 +126,15 @@ def check_request(
             f"(max_images); send fewer per request",
             "max_images",
         )
-    for i, label in enumerate(inputs.get("support_labels", [])):
+    labels = inputs["support_labels"] if "support_labels" in names else []
+    named = [(f"support_labels[{i}]", label) for i, label in enumerate(labels)]
+    if string == "label":
+        named.append(("label", inputs["label"]))
+    for where, label in named:
         if len(label) > limits.max_label_chars:
             raise Refused(
                 400,
-                f"support_labels[{i}]: {len(label)} characters, over the limit of "
+                f"{where}: {len(label)} characters, over the limit of "
                 f"{limits.max_label_chars} (max_label_chars); send shorter labels",
                 "max_label_chars",
             )

@@ -11,10 +11,13 @@ Routes (JSON in and out, the same limits as the scoring server: `limits.check_re
                         -> {"predictions": [...], "model_version": V}, without embedding
                         the supports again; an unknown or expired id is a 404 that says
                         to post the supports again
+    POST /galleries/NAME/classify, POST /galleries/NAME/classes
+                        queries against a gallery's latest version, and a class added to
+                        it: serve/galleries.py
     GET  /ping, /version
 
 Every answer names the model version that produced it, in the body and in the header
-`x-fewshot-model-version`.
+`x-fewshot-model-version`, and the replica that answered in `x-fewshot-replica`.
 
 - **Replicas** (`Replica`) each load the version's MLflow pyfunc once, answer one
   request of the model's own input example, and only then report ready.
@@ -30,9 +33,13 @@ Every answer names the model version that produced it, in the body and in the he
   replica keeps the sets it used in a cache of its own in front of it (an id names fixed
   content, so a copy is never stale), which saves the store's round trip on a stream of
   queries against the same set.
+- **Galleries** (serve/galleries.py) are kept by each replica in a `Book`: those of its
+  model are loaded and embedded at start, and every `poll_s` the replica follows each
+  gallery it knows to its latest version, so a class added through another replica or
+  the CLI is answered within seconds.
 - **Champion hot-swap** (`follow_alias`): each replica checks the alias every
-  `poll_s`; on a change it loads and warms the new version beside the old one and then
-  swaps, so no request waits for a load or fails.
+  `poll_s`; on a change it loads and warms the new version beside the old one, embeds
+  its galleries with it, and then swaps, so no request waits for a load or fails.
 """
 
 from __future__ import annotations
@@ -59,14 +66,16 @@ from fewshot.ray_cluster import connect as join_ray
 from fewshot.registry.pyfunc import FewShotModel, SupportSet, answers, decode_base64, input_example
 from fewshot.registry.versions import CHAMPION, alias_version, connect, load
 from fewshot.runtime import Runtime
+from fewshot.serve import galleries
+from fewshot.serve.galleries import VERSION_HEADER, Book
 from fewshot.serve.limits import Limits, Refused, check_request, read_body
-from fewshot.serve.server import Options, resolve
+from fewshot.serve.server import POLL_S, Options, resolve
 from fewshot.serve.supports import Entry, SupportCache, support_id
 from fewshot.tracking import tracking_uri
 
 MAX_BATCH = 16  # requests whose images share one forward pass
 BATCH_WAIT_S = 0.002  # how long a replica waits to fill a batch
-VERSION_HEADER = "x-fewshot-model-version"
+REPLICA_HEADER = "x-fewshot-replica"
 log = logging.getLogger("ray.serve")
 
 
@@ -142,18 +151,26 @@ class Replica:
         Runtime.for_inference(
             ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         ).apply()
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.loaded = load_version(name, version, uri)
+        self.book = Book(uri)
+        self.book.load(name, self.loaded.model, self.loaded.version)
+        self.book.start(poll_s, lambda: (self.loaded.model, self.loaded.version))
         if follow_alias:
             threading.Thread(target=self.follow, args=(poll_s,), daemon=True).start()
 
     def follow(self, poll_s: float) -> None:
-        """Load the version the alias moves to, beside the one in use, then swap."""
+        """Load the version the alias moves to and embed the galleries with it, beside the
+        version in use, then swap."""
         while True:
             time.sleep(poll_s)
             try:
                 version = alias_version(connect(self.uri), self.name, self.alias)
                 if version and version != self.loaded.version:
-                    self.loaded = load_version(self.name, version, self.uri)
+                    loaded = load_version(self.name, version, self.uri)
+                    self.book.embed_all(loaded.model, loaded.version)
+                    self.loaded = loaded
+                    self.book.keep_only(version)
                     log.info("now serving %s version %s", self.name, version)
             except FewShotError as exc:  # the registry is down or the alias gone: keep serving
                 log.warning("alias %s of %s: %s", self.alias, self.name, exc)
@@ -164,39 +181,36 @@ class Replica:
         try:
             if request.method == "GET" and route in ("/ping", "/version"):
                 return self.answer(loaded, {"name": self.name, "alias": self.alias})
-            if request.method != "POST" or route not in HANDLERS:
+            # A gallery's routes are named by their kind, with the gallery's name apart.
+            gallery, kind = galleries.route(route) or (None, route)
+            handler = (GALLERY_HANDLERS if gallery else HANDLERS).get(kind)
+            if request.method != "POST" or handler is None:
                 raise Refused(404, f"{request.method} {route}: not a route; see the README")
             # Not `request.body()`, which holds the whole body, however large, before it
             # can be measured.
             body = await read_body(
                 request.headers.get("content-length"), request.receive, self.limits
             )
-            inputs = check_request(
-                body, request.headers.get("content-type", ""), self.limits, route
-            )
-            handler = getattr(self, HANDLERS[route])
-            return self.answer(loaded, await handler(loaded, inputs))
+            inputs = check_request(body, request.headers.get("content-type", ""), self.limits, kind)
+            arguments = (gallery,) if gallery else ()
+            return self.answer(loaded, await getattr(self, handler)(loaded, *arguments, inputs))
         except Refused as exc:
             return Response(exc.body(), exc.status, media_type="application/json")
         except NotFound as exc:
-            return self.error(loaded, 404, "NOT_FOUND", str(exc))
+            return self.error(loaded, 404, {"error_code": "NOT_FOUND", "message": str(exc)})
         except FewShotError as exc:
-            return self.error(loaded, 400, "BAD_REQUEST", str(exc))
+            return self.error(loaded, *galleries.error(exc))
 
-    @staticmethod
-    def answer(loaded: Loaded, content: dict) -> JSONResponse:
+    def headers(self, loaded: Loaded) -> dict[str, str]:
+        return {VERSION_HEADER: loaded.version, REPLICA_HEADER: self.replica}
+
+    def answer(self, loaded: Loaded, content: dict) -> JSONResponse:
         return JSONResponse(
-            {**content, "model_version": loaded.version},
-            headers={VERSION_HEADER: loaded.version},
+            {**content, "model_version": loaded.version}, headers=self.headers(loaded)
         )
 
-    @staticmethod
-    def error(loaded: Loaded, status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse(
-            {"error_code": code, "message": message},
-            status,
-            headers={VERSION_HEADER: loaded.version},
-        )
+    def error(self, loaded: Loaded, status: int, answer: dict) -> JSONResponse:
+        return JSONResponse(answer, status, headers=self.headers(loaded))
 
     async def invocations(self, loaded: Loaded, inputs: dict) -> dict:
         model, method = loaded.model, loaded.model.method
@@ -261,6 +275,21 @@ class Replica:
         logits = await computed(loaded, loaded.model.method.score, prepared, query_z)
         return {"predictions": answers(entry.classes, logits)}
 
+    async def gallery_classify(self, loaded: Loaded, name: str, inputs: dict) -> dict:
+        """Queries against gallery `name`, their features batched with other requests'."""
+        model = loaded.model
+        embedded = await asyncio.to_thread(self.book.embedding, name, model, loaded.version)
+        queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
+        if embedded.prepared is None:  # a model that adapts to each whole task
+            logits = await asyncio.to_thread(embedded.logits, model, queries)
+        else:
+            (query_z,) = await self.features((loaded, [queries]))
+            logits = await computed(loaded, model.method.score, embedded.prepared, query_z)
+        return embedded.answer(answers(embedded.classes, logits))
+
+    async def gallery_add(self, loaded: Loaded, name: str, inputs: dict) -> dict:
+        return await asyncio.to_thread(self.book.add, name, loaded.model, loaded.version, inputs)
+
     async def prepare(self, loaded: Loaded, support: SupportSet) -> Prepared:
         (support_z,) = await self.features((loaded, [support.x]))
         return await computed(loaded, loaded.model.method.prepare, support_z, support.y)
@@ -284,6 +313,7 @@ class Replica:
 
 
 HANDLERS = {"/invocations": "invocations", "/supports": "supports", "/classify": "classify"}
+GALLERY_HANDLERS = {galleries.CLASSIFY: "gallery_classify", galleries.CLASSES: "gallery_add"}
 
 
 @dataclass(frozen=True)
@@ -312,7 +342,7 @@ def application(
     cache_mb: float = 256,
     cache_ttl_s: float = 3600,
     follow_alias: bool = False,
-    poll_s: float = 2.0,
+    poll_s: float = POLL_S,
     cpus_per_replica: float = 1.0,
 ):
     """The Ray Serve application of `name` at `version` (bind, not yet run)."""

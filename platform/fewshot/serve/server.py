@@ -28,6 +28,10 @@ from fewshot.registry.versions import CHAMPION, alias_version, connect, current,
 from fewshot.serve.limits import Limits
 from fewshot.tracking import tracking_uri
 
+# What `environment` tells the server's processes of the model they serve.
+MODEL_NAME, MODEL_VERSION = "FEWSHOT_SERVE_MODEL", "FEWSHOT_SERVE_MODEL_VERSION"
+POLL_S = 2.0  # how often a server asks whether its galleries changed
+
 
 def resolve(name: str, alias: str = CHAMPION, uri: str | None = None) -> str:
     """The version of `name` that `alias` points to."""
@@ -51,17 +55,18 @@ def command(host: str, port: int, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
-def environment(model_uri: str, limits: Limits, uri: str | None = None) -> dict[str, str]:
-    """What the server's processes need: the local copy of the model (where MLflow's app
-    reads it), MLflow's request timeout, the tracking URI and the limits."""
+def environment(name: str, version: str, limits: Limits, uri: str | None = None) -> dict[str, str]:
+    """What the server's processes need: the local copy of version `version` of model
+    `name` (where MLflow's app reads it), its name and version (for the galleries),
+    MLflow's request timeout, the tracking URI and the limits."""
     from mlflow.pyfunc import scoring_server
 
     with current(uri):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
     _, env = scoring_server.get_cmd(local)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(uri)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return {**env, **limits.env()}
+    return {**env, **limits.env(), MODEL_NAME: name, MODEL_VERSION: version}
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def serve(
     options.check()
     limits = Limits.from_env()
     version = resolve(name, alias, uri)
-    env = environment(f"models:/{name}/{version}", limits, uri)
+    env = environment(name, version, limits, uri)
     host, port = options.host, options.port
     print(
         f"serving {name} version {version} (@{alias}) at http://{host}:{port}/invocations",
