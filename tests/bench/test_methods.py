@@ -1,8 +1,10 @@
+import statistics
+
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from fewshot.bench import methods
+from fewshot.bench import methods, omniglot
 from fewshot.config import validate
 from fewshot.errors import ConfigError
 from fewshot.evaluate import evaluate_method
@@ -93,3 +95,65 @@ def test_a_row_that_fails_leaves_no_mlflow_run_running(workdir, bench_file):
     # The bench's own run spans its rows: it ended FAILED with the row that failed.
     assert status == {"tiny": "FAILED", "tiny-protonet": "FINISHED", "tiny-trml": "FAILED"}
     assert not (workdir / "methods.md").exists()
+
+
+@pytest.fixture
+def folds_file(workdir, synthetic_store):
+    """Three rows under a time budget on 3 folds of the synthetic scripts, with claims."""
+    spec = {
+        "name": "tiny-folds",
+        "folds": 3,
+        "base": {
+            "data": {"path": str(synthetic_store), "image_size": 16, "train_split": "train",
+                     "val_split": None, "within_group": True},
+            "backbone": {"width": 8},
+            "episode": {"n_way": 3, "q_query": 2, "meta_batch": 1},
+            "train": {"steps": 400, "minutes": 0.02, "eval_every": 400},
+            "evaluate": {"episodes": 6, "n_way": 3, "q_query": 2, "within_group": True},
+            "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}"},
+        },
+        "rows": [
+            {"name": "ProtoNet", "set": {"method.name": "protonet"}},
+            {"name": "ProtoNet + MLTI", "set": {"task_mixup.strategy": "mlti"}},
+            {"name": "MAML", "set": {"method.name": "maml", "method.inner_steps": 1}},
+        ],
+        "claims": [
+            {"claim": "MLTI helps", "source": "a", "better": "ProtoNet + MLTI",
+             "than": "ProtoNet"},
+            {"claim": "MAML beats ProtoNet", "source": "b", "better": "MAML", "than": "ProtoNet"},
+            {"claim": "not run", "source": "c", "better": "Absent", "than": "ProtoNet"},
+        ],
+    }  # fmt: skip
+    path = workdir / "folds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_folds_protocol_pairs_every_row_on_the_same_episodes_and_judges_the_claims(
+    workdir, folds_file
+):
+    out = workdir / "methods_folds.md"
+    protonet, mlti, maml = methods.run(folds_file, out)
+    for row in (protonet, mlti, maml):
+        # Every fold's episodes: 6 per held-out script, the same for every row.
+        assert [len(f["episodes"]) for f in row["folds"]] == [
+            6 * len(f["held_out"]) for f in row["folds"]
+        ]
+        # A time budget: what fitted, at most train.steps, and reported.
+        assert all(1 <= s <= 400 for f in row["folds"] for s in f["steps"])
+    # The paired change is the mean of the per-episode differences, with their CI.
+    differences = [
+        100 * (p - m) for p, m in zip(omniglot.pooled(protonet), omniglot.pooled(maml), strict=True)
+    ]
+    change, ci95 = omniglot.paired(omniglot.pooled(maml), omniglot.pooled(protonet))
+    assert change == pytest.approx(statistics.mean(differences))
+    assert ci95 == pytest.approx(1.96 * statistics.stdev(differences) / len(differences) ** 0.5)
+    text = out.read_text()
+    assert "| **MAML: fold mean** | all 6 alphabets | " in text
+    assert f"{change:+.2f} ± {ci95:.2f}" in text
+    (line,) = [x for x in text.splitlines() if x.startswith("| MAML beats ProtoNet |")]
+    assert line.endswith(f"| {omniglot.verdict(change, ci95)} |")
+    assert "| not run | c | Absent vs ProtoNet | - | not run |" in text
+    assert [omniglot.verdict(-2, 1), omniglot.verdict(2, 1), omniglot.verdict(0.5, 1)] == [
+        "confirmed", "refuted", "cannot tell (the CI spans 0)"
+    ]  # fmt: skip

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
+from fewshot.evaluate import Accuracy
 from fewshot.runtime import cpu_name, cpu_native_bf16
 
 
@@ -29,3 +31,23 @@ def write_table(path: Path, title: str, intro: str, header: list[str], rows: lis
     lines = [f"# {title}", "", intro, "", *table(header, rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    """The rows as JSON beside the table, so `--only` can redo some rows and keep the rest."""
+    rows = [
+        {**r, "accuracy": {t: [a.mean, a.ci95, a.episodes] for t, a in r["accuracy"].items()}}
+        for r in results
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def read_results(out: Path) -> list[dict]:
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return []
+    return [
+        {**r, "accuracy": {t: Accuracy(*a) for t, a in r["accuracy"].items()}}
+        for r in json.loads(path.read_text())
+    ]

@@ -18,7 +18,6 @@ kept as JSON beside the table: `--only ROW` retrains those rows and keeps the ot
 from __future__ import annotations
 
 import copy
-import json
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from fewshot.bench import machine, write_table
+from fewshot.bench import machine, omniglot, read_results, write_results, write_table
 from fewshot.config import Config, apply_overrides, set_value, validate
 from fewshot.errors import ConfigError
 from fewshot.evaluate import Accuracy, evaluate_method
@@ -74,7 +73,11 @@ def test_config(config: Config, n_way: int, k_shot: int) -> Config:
 def run(path: Path, out: Path, overrides: list[str] | None = None, only: list[str] | None = None):
     """Train and test every row (or the rows named in `only`); write the table to `out`.
     It all happens inside the bench's own run (the run lifecycle, train/runner.py), so a
-    row that fails ends the bench's MLflow run FAILED, not RUNNING."""
+    row that fails ends the bench's MLflow run FAILED, not RUNNING. A bench file with
+    `folds:` (jobs/configs/bench/methods_folds.yaml) runs the leave-alphabets-out
+    protocol of bench/omniglot.py instead."""
+    if path.is_file() and "folds" in (yaml.safe_load(path.read_text()) or {}):
+        return omniglot.run(path, out, only, overrides)
     spec = read_bench(path)
     bench = spec.get("name", path.stem)
     base = apply_overrides(copy.deepcopy(spec.get("base") or {}), overrides or [])
@@ -129,26 +132,6 @@ def train_row(base: dict, bench: str, row: dict, tasks: list) -> dict[str, Any]:
             accuracy = evaluate_method(method, test)
         accuracies[f"{n_way}w{k_shot}s"] = accuracy
     return {"name": row["name"], "minutes": minutes, "accuracy": accuracies}
-
-
-def write_results(out: Path, results: list[dict]) -> None:
-    """The rows as JSON beside the table, so `--only` can redo some rows and keep the rest."""
-    rows = [
-        {**r, "accuracy": {t: [a.mean, a.ci95, a.episodes] for t, a in r["accuracy"].items()}}
-        for r in results
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def read_results(out: Path) -> list[dict]:
-    path = out.with_suffix(".json")
-    if not path.is_file():
-        return []
-    return [
-        {**r, "accuracy": {t: Accuracy(*a) for t, a in r["accuracy"].items()}}
-        for r in json.loads(path.read_text())
-    ]
 
 
 def write(out: Path, bench: str, base: dict, tasks: list, results: list[dict]) -> None:

@@ -38,14 +38,15 @@ import functools
 import hashlib
 import json
 import math
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewshot.bench import machine, write_table
-from fewshot.bench.methods import read_results, write_results
-from fewshot.config import Config, as_dict, set_value, validate
+from fewshot.bench import machine, read_results, table, write_results, write_table
+from fewshot.config import Config, apply_overrides, as_dict, set_value, validate
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.data.reader import ImageSet, load_split
 from fewshot.data.selection import Fold, leave_groups_out
@@ -101,20 +102,31 @@ def configured(base: dict, bench: str, settings: dict) -> Config:
     return validate(raw)
 
 
+@dataclass(frozen=True)
+class Trained:
+    config: Config
+    method: Any
+    test: Accuracy  # on the config's own test episodes
+    minutes: float  # wall clock of the training run, its final test included
+    run_id: str | None
+    steps: int  # trained (fewer than train.steps under train.minutes)
+
+
 class Models:
     """Trained models by training settings, so rows that test the same model reuse it."""
 
     def __init__(self) -> None:
-        self.trained: dict[str, tuple[Config, Any, Accuracy, float, str | None]] = {}
+        self.trained: dict[str, Trained] = {}
 
-    def get(self, config: Config) -> tuple[Config, Any, Accuracy, float, str | None]:
-        """(config, method, test accuracy, training minutes, MLflow run id)."""
+    def get(self, config: Config) -> Trained:
         if config.name not in self.trained:
             started = time.perf_counter()
             result = train(config, restart=True, progress=sys.stderr.isatty())
             minutes = (time.perf_counter() - started) / 60
             _, method = from_run(result.run_dir)
-            self.trained[config.name] = (config, method, result.test, minutes, result.run_id)
+            self.trained[config.name] = Trained(
+                config, method, result.test, minutes, result.run_id, result.steps
+            )
         return self.trained[config.name]
 
 
@@ -139,8 +151,8 @@ def at_test_time(row: dict, config: Config, method) -> tuple[Config, Any]:
 def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
     if "ensemble" in row:
         members = [models.get(configured(base, bench, s or {})) for s in row["ensemble"]]
-        config = members[0][0]
-        ensemble = Ensemble([m[1] for m in members])
+        config = members[0].config
+        ensemble = Ensemble([m.method for m in members])
         test = config.eval_episode()
         images = load_split(config.data.path, config.data.test_split, config.data.image_size)
         sampler = EpisodeSampler(
@@ -150,10 +162,10 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
             config.evaluate.episodes, config.evaluate.seed, Stream.TEST
         )
         accuracy = mean_ci(episode_accuracies(ensemble, episodes))
-        return summary(row, config, accuracy, sum(m[3] for m in members), [])
-    config, method, accuracy, minutes, run_id = models.get(
-        configured(base, bench, row.get("set") or {})
-    )
+        return summary(row, config, accuracy, sum(m.minutes for m in members), [])
+    trained = models.get(configured(base, bench, row.get("set") or {}))
+    config, method, accuracy = trained.config, trained.method, trained.test
+    minutes, run_id = trained.minutes, trained.run_id
     if row.get("test_set"):
         tested, rebuilt = at_test_time(row, config, method)
         accuracy = evaluate_method(rebuilt, tested)
@@ -211,10 +223,10 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
             models.get(configured(base, bench, {**(s or {}), "data.train_classes": names}))
             for s in members
         ]
-        config, method = trained[0][0], trained[0][1]
+        config, method = trained[0].config, trained[0].method
         if len(trained) > 1:
-            method = Ensemble([m[1] for m in trained])
-        fold_minutes = sum(m[3] for m in trained)
+            method = Ensemble([m.method for m in trained])
+        fold_minutes = sum(m.minutes for m in trained)
         if row.get("test_set"):
             config, method = at_test_time(row, config, method)
         accuracies = fold_accuracies(method, config, images, fold)
@@ -225,6 +237,8 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
                 "ways": [test_ways(config, len(images.groups()[a])) for a in fold.held_out],
                 "accuracy": [accuracy.mean, accuracy.ci95, accuracy.episodes],
                 "minutes": fold_minutes,
+                "steps": [m.steps for m in trained],
+                "episodes": accuracies,  # per episode, in order: rows are paired on them
             }
         )
         pooled += accuracies
@@ -232,7 +246,7 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
     return {
         "name": row["name"],
         "direction": f"{folds} folds",
-        "steps": config.train.steps,
+        "steps": round(statistics.mean(s for f in per_fold for s in f["steps"])),
         "test_time_only": bool(row.get("test_set")),
         "transductive": config.evaluate.transductive,
         "minutes": minutes,
@@ -253,8 +267,13 @@ def summary(row: dict, config: Config, accuracy: Accuracy, minutes: float, curve
     }
 
 
-def run(path: Path, out: Path, only: list[str] | None = None) -> list[dict]:
+def run(
+    path: Path, out: Path, only: list[str] | None = None, overrides: list[str] | None = None
+) -> list[dict]:
+    """Train and test every row (or those named in `only`), each from the bench's `base`
+    with `overrides` (`--set`) applied; write the table to `out`."""
     spec = read_spec(path)
+    spec["base"] = apply_overrides(copy.deepcopy(spec["base"]), overrides or [])
     bench = spec.get("name", path.stem)
     rows = [r for r in spec["rows"] if not only or r["name"] in only]
     if only and len(rows) != len(only):
@@ -313,12 +332,25 @@ def error(mean: float, ci95: float) -> str:
     return f"{100 * (1 - mean):.2f} ± {100 * ci95:.2f}"
 
 
-def change(mean: float, ci95: float, reference: tuple[float, float] | None) -> str:
-    """Error points minus the first row's on the same episodes, with the CI of a
-    difference of two independent figures: conservative, as the rows are paired."""
-    if reference is None:
-        return "-"
-    return f"{100 * (reference[0] - mean):+.2f} ± {100 * math.hypot(ci95, reference[1]):.2f}"
+def paired(episodes: list[float], reference: list[float]) -> tuple[float, float]:
+    """Error points of a row minus a reference row's on the same episodes: the mean of
+    the per-episode differences and its 95% CI (negative: fewer errors)."""
+    differences = [100 * (r - e) for e, r in zip(episodes, reference, strict=True)]
+    ci95 = 1.96 * statistics.stdev(differences) / math.sqrt(len(differences))
+    return statistics.mean(differences), ci95
+
+
+def pooled(result: dict) -> list[float]:
+    return [a for f in result["folds"] for a in f["episodes"]]
+
+
+def verdict(change: float, ci95: float) -> str:
+    """Whether fewer errors (a negative change) is shown, its opposite, or neither."""
+    if change + ci95 < 0:
+        return "confirmed"
+    if change - ci95 > 0:
+        return "refuted"
+    return "cannot tell (the CI spans 0)"
 
 
 def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
@@ -332,40 +364,86 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
             held = ", ".join(
                 f"{a} ({w}-way)" for a, w in zip(f["held_out"], f["ways"], strict=True)
             )
-            versus = change(mean, ci95, f0["accuracy"][:2] if compared else None)
+            versus = signed(*paired(f["episodes"], f0["episodes"])) if compared else "-"
+            steps = "+".join(str(s) for s in f["steps"])
             rows.append(
-                [label, held, error(mean, ci95), versus, str(episodes), f"{f['minutes']:.1f}"]
+                [
+                    label,
+                    held,
+                    error(mean, ci95),
+                    versus,
+                    str(episodes),
+                    steps,
+                    f"{f['minutes']:.1f}",
+                ]
             )
-        a, a0 = r["accuracy"]["20w1s"], first["accuracy"]["20w1s"]
+        a = r["accuracy"]["20w1s"]
         rows.append(
             [
                 f"**{label}: fold mean**",
-                f"all {sum(len(f['held_out']) for f in r['folds'])} alphabets, {r['steps']} steps",
+                f"all {sum(len(f['held_out']) for f in r['folds'])} alphabets",
                 f"**{error(a.mean, a.ci95)}**",
-                change(a.mean, a.ci95, (a0.mean, a0.ci95) if compared else None),
+                signed(*paired(pooled(r), pooled(first))) if compared else "-",
                 str(a.episodes),
+                f"{r['steps']} (mean)",
                 f"{r['minutes']:.1f}",
             ]
         )
+    task = validate(spec["base"]).eval_episode()
     write_table(
         out,
-        "Omniglot: leave-alphabets-out cross-validation on the small background sets",
+        spec.get("title", "Omniglot: leave-alphabets-out cross-validation on the small sets"),
         f"Bench `{spec.get('name', 'omniglot')}`: generalisation figures. The two small "
         "background sets, merged (8 distinct alphabets, 242 characters), split into "
         f"{spec['folds']} folds; each fold's model trains on the other alphabets only and is "
-        "tested within each held-out alphabet: 20-way 1-shot (Tagalog, 17 characters: "
-        "17-way), one query per class, fixed episodes shared by every row (paired). Error "
-        "% ± 95% CI; the fold mean pools every fold's episodes (the same count per "
-        "alphabet, so it is the mean of the fold errors), its CI 1.96 * std / sqrt(episodes) "
-        "over them: the noise of the episode draw, not of which alphabets exist. Run min: "
-        "wall-clock minutes of each fold's training run (its own final test included). "
-        f"Error change: points against the first row ({first['name']}) on the same "
-        "episodes, negative for fewer errors; its CI treats the two as independent, "
-        "which overstates it for paired rows. "
+        f"tested within each held-out alphabet: {task.n_way}-way {task.k_shot}-shot (an "
+        f"alphabet of fewer characters: all of them), {task.q_query} "
+        f"quer{'y' if task.q_query == 1 else 'ies'} per class, fixed episodes shared by every "
+        "row (paired). Error % ± 95% CI; the fold mean pools every fold's episodes (the "
+        "same count per alphabet, so it is the mean of the fold errors), its CI 1.96 * std "
+        "/ sqrt(episodes) over them: the noise of the episode draw, not of which alphabets "
+        "exist. Error change: points against the first row "
+        f"({first['name']}) on the same episodes, negative for fewer errors, with the 95% "
+        "CI of the per-episode differences (paired). Steps: trained per fold (a time "
+        "budget, `train.minutes`, trains what fits). Run min: wall-clock minutes of each "
+        "fold's training run (pre-training and its own final test included). "
         f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
-        ["row", "held-out alphabets", "error % ± CI", "error change", "episodes", "run min"],
+        ["row", "held-out alphabets", "error % ± CI", "error change", "episodes", "steps",
+         "run min"],
         rows,
-    )
+    )  # fmt: skip
+    if spec.get("claims"):
+        with out.open("a") as markdown:
+            markdown.write("\n" + "\n".join(claims_table(spec["claims"], results)) + "\n")
+
+
+def signed(change: float, ci95: float) -> str:
+    return f"{change:+.2f} ± {ci95:.2f}"
+
+
+def claims_table(claims: list[dict], results: list[dict]) -> list[str]:
+    """Each claim of a source (`better` makes fewer errors than `than`) against the folds:
+    the paired error change of `better` against `than` and what it says."""
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for claim in claims:
+        compared = f"{claim['better']} vs {claim['than']}"
+        if claim["better"] not in by_name or claim["than"] not in by_name:
+            rows.append([claim["claim"], claim["source"], compared, "-", "not run"])
+            continue
+        change, ci95 = paired(pooled(by_name[claim["better"]]), pooled(by_name[claim["than"]]))
+        rows.append(
+            [claim["claim"], claim["source"], compared, signed(change, ci95), verdict(change, ci95)]
+        )
+    return [
+        "## The sources' claims on the folds",
+        "",
+        "Error change of the first row named against the second, on the same episodes of "
+        "every fold (paired 95% CI); a claim is confirmed when the whole CI is below 0, "
+        "refuted when it is above, and cannot be told otherwise.",
+        "",
+        *table(["claim", "source", "rows", "error change", "verdict"], rows),
+    ]
 
 
 def plot(path: Path, results: list[dict]) -> None:

@@ -70,7 +70,9 @@ class RoundLogger:
             self.progress.update(step, {**metrics, **self.last})
 
     def round(self, worker: Worker, metrics: dict[str, float]) -> None:
-        self.last.update(metrics)
+        """A validation round's metrics; `last` keeps them with the step they were taken
+        at (the run's last step once it ends, as Ray Train's report has it)."""
+        self.last.update({**metrics, "step": worker.step})
         self.tracker.metrics(metrics, worker.step)
 
 

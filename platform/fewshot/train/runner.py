@@ -55,7 +55,7 @@ class RunResult:
     run_id: str | None
     test: Accuracy
     val_acc: float
-    steps: int
+    steps: int  # trained: train.steps, or fewer under train.minutes
     config: Config  # what it ran under
 
 
@@ -190,7 +190,7 @@ def train(
         tracker.run_id,
         test,
         metrics.get("val_acc", float("nan")),
-        config.train.steps,
+        int(metrics.get("step", config.train.steps)),  # fewer under a time budget
         config,
     )
 
