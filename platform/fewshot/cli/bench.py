@@ -140,10 +140,11 @@ def bench_serve(
     ),
     requests: Annotated[int, typer.Option(min=10, help="Timed requests per cell.")] = 100,
 ) -> None:
-    """p50/p99 latency and requests/s of 20-way 1-shot requests: MLflow's scoring server,
-    Ray Serve with 1 and 2 replicas, full requests and cached support sets."""
+    """p50/p99 latency and requests/s of 20-way 1-shot requests to the model `make omniglot`
+    promotes: the bare model in-process, MLflow's scoring server, Ray Serve with 1 and 2
+    replicas; full requests, cached support sets and a gallery; and the stages of one
+    request."""
     from fewshot.bench import serve
 
-    zips = [data / f"images_background_small{i}.zip" for i in (1, 2)]
-    serve.run(workdir, out, zips, requests)
+    serve.run(workdir, out, data, requests)
     console.print(out.read_text())

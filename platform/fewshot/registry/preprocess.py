@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from fewshot.data.decode import IMAGE_ERRORS, decode_image, normalise
+from fewshot.data.decode import IMAGE_ERRORS, channels_first, normalise, picture, resize_all
 from fewshot.data.store import read_manifest
 from fewshot.errors import DataError, RegistryError, RequestError
 
@@ -54,11 +55,12 @@ class Preprocessing:
     def as_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
-    def decode(self, data: bytes, where: str) -> np.ndarray:
-        """Encoded bytes of any size and mode -> uint8 [C, S, S], exactly as training decoded
-        its dataset. `where` names the image in the error (`query_images[3]`)."""
+    def picture(self, data: bytes, where: str) -> Image.Image:
+        """Encoded bytes of any size and mode -> the decoded picture, L or RGB as the
+        dataset's channels, before resizing (`decode.picture`). `where` names the image in
+        the error (`query_images[3]`)."""
         try:
-            return decode_image(data, self.image_size, self.channels, self.invert)
+            return picture(data, self.channels)
         except IMAGE_ERRORS as exc:
             raise RequestError(
                 f"{where}: not a readable image ({str(exc)[:120] or type(exc).__name__}); "
@@ -66,6 +68,8 @@ class Preprocessing:
             ) from None
 
     def tensor(self, blobs: Sequence[bytes], name: str) -> torch.Tensor:
-        """Encoded images -> the model's input, float [B, C, S, S]."""
-        arrays = [self.decode(blob, f"{name}[{i}]") for i, blob in enumerate(blobs)]
-        return normalise(torch.from_numpy(np.stack(arrays)), self.mean, self.std)
+        """Encoded images -> the model's input, float [B, C, S, S]: each image's pixels as
+        training decoded its dataset (`decode_image`), resized together (`resize_all`)."""
+        pictures = (self.picture(blob, f"{name}[{i}]") for i, blob in enumerate(blobs))
+        pixels = channels_first(resize_all(pictures, self.image_size), self.invert)
+        return normalise(torch.from_numpy(np.ascontiguousarray(pixels)), self.mean, self.std)
