@@ -54,3 +54,19 @@ def test_an_ensemble_splits_only_if_every_member_splits(make_method):
     assert Ensemble([protonet, protonet]).splits_prediction
     assert not Ensemble([protonet, maml]).splits_prediction
     assert not Ensemble([maml, protonet]).splits_prediction
+
+
+def test_test_views_set_when_serving_reach_every_member_and_change_the_features(make_method):
+    protonet = make_method("method.name=protonet", "method.test_views=5").eval()
+    maml = make_method("method.name=maml")
+    ensemble = Ensemble([protonet, make_method("method.name=protonet").eval()])
+    assert (protonet.test_views, maml.test_views, ensemble.test_views) == (5, 1, 5)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        five = protonet.features(x)
+        ensemble.with_test_views(1)
+        assert [m.test_views for m in ensemble.members] == [1, 1]
+        # One view is the image alone: the embedding of x itself.
+        torch.testing.assert_close(protonet.features(x), protonet.embed(x), atol=1e-6, rtol=0)
+    assert (protonet.features(x) - five).abs().max() > 1e-4
+    assert maml.with_test_views(3).test_views == 1  # a method without views is unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -182,6 +183,8 @@ NOT_A_PORT = "not a TCP port; pass one from 1 to 65535, e.g. 5001"
         (["--ray", "--cache-ttl=-1"], "--cache-ttl -1.0: give a finite number > 0"),
         (["--ray", "--cache-ttl", "inf"], "--cache-ttl inf: give a finite number > 0"),
         (["--ray", "--cpus-per-replica", "0"], "--cpus-per-replica 0.0: give a finite number > 0"),
+        (["--test-views", "6"], "--test-views 6: give 1 (none) to 5"),
+        (["--ray", "--test-views", "0"], "--test-views 0: give 1 (none) to 5"),
         (
             ["--ray", "--host", "no.such.host.invalid"],
             "--host 'no.such.host.invalid': not an address (Name or service not known); "
@@ -264,3 +267,48 @@ def test_requests_past_a_limit_are_refused_and_the_server_stays_up(served):
     assert "max_pixels" in refused["message"]
 
     assert [a["label"] for a in served.client.predict(support, queries)] == before
+
+
+@pytest.mark.cluster
+def test_test_views_are_computed_as_asked_and_named_in_every_answer(served, tmp_path):
+    """The served model was trained with 1 test view: `--test-views 3` makes the server
+    compute 3 (the answers equal the local model's with 3 views, not with 1), and every
+    answer's header names what was computed."""
+    support, queries = task(served.store)
+    images, labels = [i for g in support.values() for i in g], list(support)
+    body = json.dumps(request_body(support, queries)).encode()
+    _, _, headers = raw_post(served.port, "/invocations", body)
+    assert headers["x-fewshot-test-views"] == "1"
+    local = load("models:/served@champion", served.uri)
+    as_trained = local.classify(images, labels, queries)
+    local.method.with_test_views(3)
+    three = local.classify(images, labels, queries)
+    assert three[0]["probabilities"] != pytest.approx(as_trained[0]["probabilities"], abs=1e-5)
+
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        server = fewshot(
+            "serve", "served", "--port", str(port), "--test-views", "3", uri=served.uri,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        Client(f"http://127.0.0.1:{port}").wait_ready(timeout=120)
+        status, answer, headers = raw_post(port, "/invocations", body)
+        assert status == 200 and headers["x-fewshot-test-views"] == "3"
+        for remote, here in zip(answer["predictions"], three, strict=True):
+            assert remote["probabilities"] == pytest.approx(here["probabilities"], abs=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def raw_post(port: int, path: str, body: bytes) -> tuple[int, dict, dict]:
+    """(status, JSON answer, headers, lower-cased) of a POST to 127.0.0.1."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        headers = {k.lower(): v for k, v in answer.getheaders()}
+        return answer.status, json.loads(answer.read()), headers
+    finally:
+        connection.close()

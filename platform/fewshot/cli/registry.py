@@ -137,6 +137,10 @@ def serve(
     cpus_per_replica: Annotated[
         float, typer.Option(help="--ray: CPUs per replica (its torch threads).")
     ] = 1.0,
+    test_views: Annotated[
+        int | None,
+        typer.Option(help="Test views to compute (1: none, cheapest); default: as trained."),
+    ] = None,
 ) -> None:
     """Serve models:/NAME@ALIAS with MLflow's scoring server, or with --ray on Ray Serve.
 
@@ -158,6 +162,7 @@ def serve(
         cache_mb=cache_mb,
         cache_ttl_s=cache_ttl,
         cpus_per_replica=cpus_per_replica,
+        test_views=test_views,
     )
     if not ray:
         from fewshot.serve.server import serve as run_server

@@ -124,6 +124,16 @@ class Predictor(Protocol):
         """Whether this trained model can answer `n_way`-way tasks."""
         ...
 
+    @property
+    def test_views(self) -> int:
+        """Views of each image averaged at test time (models/views.py); 1: none."""
+        ...
+
+    def with_test_views(self, views: int) -> Predictor:
+        """This model, computing `views` test views from now on (a serving setting: fewer
+        views cost less); a model without test views is unchanged."""
+        ...
+
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> torch.Tensor:
@@ -187,6 +197,15 @@ class FewShotMethod(nn.Module):
         self.params = params
         self.shape = shape
         self.frozen_backbone = False
+
+    @property
+    def test_views(self) -> int:
+        return getattr(self.params, "test_views", 1)
+
+    def with_test_views(self, views: int) -> FewShotMethod:
+        if hasattr(self.params, "test_views"):
+            self.params = self.params.model_copy(update={"test_views": views})
+        return self
 
     def freeze_backbone(self) -> None:
         """Meta-train on a fixed (pre-trained) backbone: no gradients, and batch-norm in

@@ -51,6 +51,15 @@ class Ensemble(nn.Module):
     def answers_way(self, n_way: int) -> bool:
         return all(m.answers_way(n_way) for m in self.members)
 
+    @property
+    def test_views(self) -> int:
+        return max(m.test_views for m in self.members)
+
+    def with_test_views(self, views: int) -> Ensemble:
+        for member in self.members:
+            member.with_test_views(views)
+        return self
+
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> torch.Tensor:

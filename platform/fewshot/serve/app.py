@@ -12,7 +12,7 @@ from PIL import Image
 
 from fewshot.serve.galleries import Book, Routes
 from fewshot.serve.limits import Guard, Limits
-from fewshot.serve.server import MODEL_NAME, MODEL_VERSION, POLL_S
+from fewshot.serve.server import MODEL_NAME, MODEL_VERSION, POLL_S, TEST_VIEWS
 
 limits = Limits.from_env()
 # Decoding refuses an image whose header declares more pixels (data/decode.py).
@@ -21,6 +21,8 @@ model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._
 fewshot_model = model.unwrap_python_model()
 # The server's process is the model's: it computes with the CPUs this process is given.
 fewshot_model.runtime.apply()
+if TEST_VIEWS in os.environ:  # --test-views
+    fewshot_model.method.with_test_views(int(os.environ[TEST_VIEWS]))
 name, version = os.environ[MODEL_NAME], os.environ[MODEL_VERSION]
 # The galleries of this model are embedded before the server answers its first request.
 book = Book(os.environ.get("MLFLOW_TRACKING_URI"))

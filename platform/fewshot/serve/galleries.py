@@ -45,6 +45,7 @@ from fewshot.serve.limits import Refused, check_request, read_body
 
 CLASSIFY, CLASSES = "/galleries/classify", "/galleries/classes"  # as `limits.ROUTES` names them
 VERSION_HEADER = "x-fewshot-model-version"  # the model version that answered
+VIEWS_HEADER = "x-fewshot-test-views"  # the test views it computed (--test-views)
 log = logging.getLogger("fewshot.serve")
 
 
@@ -218,7 +219,8 @@ class Book:
 
 class Routes:
     """ASGI middleware of the scoring server: answers POST /galleries/NAME/... with the
-    server's model and passes every other request on to `app` (MLflow's)."""
+    server's model and passes every other request on to `app` (MLflow's); every answer
+    names the test views the model computed (VIEWS_HEADER)."""
 
     def __init__(self, app, book: Book, model: FewShotModel, model_version: str, limits) -> None:
         self.app, self.book, self.model, self.model_version = app, book, model, model_version
@@ -226,8 +228,15 @@ class Routes:
 
     async def __call__(self, scope, receive, send) -> None:
         found = route(scope["path"]) if scope["type"] == "http" else None
+        views = (VIEWS_HEADER.encode(), str(self.model.method.test_views).encode())
         if found is None or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
+
+            async def naming_views(message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), views]}
+                await send(message)
+
+            return await self.app(scope, receive, naming_views)
         name, kind = found
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         handle = self.book.classify if kind == CLASSIFY else self.book.add
@@ -237,6 +246,7 @@ class Routes:
             # In a worker thread: the event loop goes on taking requests (and /ping).
             content = await asyncio.to_thread(handle, name, self.model, self.model_version, inputs)
             status, answer = 200, {**content, "model_version": self.model_version}
+            answer["test_views"] = self.model.method.test_views
         except Refused as exc:
             status, answer = exc.status, json.loads(exc.body())
         except FewShotError as exc:
@@ -250,6 +260,7 @@ class Routes:
                     (b"content-type", b"application/json"),
                     (b"content-length", b"%d" % len(body)),
                     (VERSION_HEADER.encode(), self.model_version.encode()),
+                    views,
                 ],
             }
         )

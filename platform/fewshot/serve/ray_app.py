@@ -16,8 +16,10 @@ Routes (JSON in and out, the same limits as the scoring server: `limits.check_re
                         it: serve/galleries.py
     GET  /ping, /version
 
-Every answer names the model version that produced it, in the body and in the header
-`x-fewshot-model-version`, and the replica that answered in `x-fewshot-replica`.
+Every answer names the model version that produced it and the test views it computed
+(`--test-views`; default: as trained), in the body and in the headers
+`x-fewshot-model-version` and `x-fewshot-test-views`, and the replica that answered in
+`x-fewshot-replica`.
 
 - **Replicas** (`Replica`) each load the version's MLflow pyfunc once, answer one
   request of the model's own input example, and only then report ready.
@@ -67,7 +69,7 @@ from fewshot.registry.pyfunc import FewShotModel, SupportSet, answers, decode_ba
 from fewshot.registry.versions import CHAMPION, alias_version, connect, load
 from fewshot.runtime import Runtime
 from fewshot.serve import galleries
-from fewshot.serve.galleries import VERSION_HEADER, Book
+from fewshot.serve.galleries import VERSION_HEADER, VIEWS_HEADER, Book
 from fewshot.serve.limits import Limits, Refused, check_request, read_body
 from fewshot.serve.server import POLL_S, Options, resolve
 from fewshot.serve.supports import Entry, SupportCache, support_id
@@ -85,9 +87,12 @@ class Loaded:
     model: FewShotModel
 
 
-def load_version(name: str, version: str, uri: str | None) -> Loaded:
-    """Version `version` of `name`, loaded and warmed with its own input example."""
+def load_version(name: str, version: str, uri: str | None, test_views: int | None) -> Loaded:
+    """Version `version` of `name`, loaded (computing `test_views` views, when given) and
+    warmed with its own input example."""
     model = load(f"models:/{name}/{version}", uri)
+    if test_views:
+        model.method.with_test_views(test_views)
     example = input_example(model.config, model.preprocessing)
     support = model.support_set(
         decode_base64(example["support_images"], "support_images"), example["support_labels"]
@@ -140,8 +145,10 @@ class Replica:
         cache_ttl_s: float,
         follow_alias: bool,
         poll_s: float,
+        test_views: int | None,
     ) -> None:
         self.store, self.name, self.alias, self.uri = store, name, alias, uri
+        self.test_views = test_views
         self.limits = limits
         self.max_cache_bytes = max_cache_bytes
         self.near = SupportCache(max_cache_bytes, cache_ttl_s)
@@ -152,7 +159,7 @@ class Replica:
             ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         ).apply()
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.loaded = load_version(name, version, uri)
+        self.loaded = load_version(name, version, uri, test_views)
         self.book = Book(uri)
         self.book.load(name, self.loaded.model, self.loaded.version)
         self.book.start(poll_s, lambda: (self.loaded.model, self.loaded.version))
@@ -167,7 +174,7 @@ class Replica:
             try:
                 version = alias_version(connect(self.uri), self.name, self.alias)
                 if version and version != self.loaded.version:
-                    loaded = load_version(self.name, version, self.uri)
+                    loaded = load_version(self.name, version, self.uri, self.test_views)
                     self.book.embed_all(loaded.model, loaded.version)
                     self.loaded = loaded
                     self.book.keep_only(version)
@@ -202,12 +209,12 @@ class Replica:
             return self.error(loaded, *galleries.error(exc))
 
     def headers(self, loaded: Loaded) -> dict[str, str]:
-        return {VERSION_HEADER: loaded.version, REPLICA_HEADER: self.replica}
+        views = str(loaded.model.method.test_views)
+        return {VERSION_HEADER: loaded.version, REPLICA_HEADER: self.replica, VIEWS_HEADER: views}
 
     def answer(self, loaded: Loaded, content: dict) -> JSONResponse:
-        return JSONResponse(
-            {**content, "model_version": loaded.version}, headers=self.headers(loaded)
-        )
+        named = {"model_version": loaded.version, "test_views": loaded.model.method.test_views}
+        return JSONResponse({**content, **named}, headers=self.headers(loaded))
 
     def error(self, loaded: Loaded, status: int, answer: dict) -> JSONResponse:
         return JSONResponse(answer, status, headers=self.headers(loaded))
@@ -344,6 +351,7 @@ def application(
     follow_alias: bool = False,
     poll_s: float = POLL_S,
     cpus_per_replica: float = 1.0,
+    test_views: int | None = None,
 ):
     """The Ray Serve application of `name` at `version` (bind, not yet run)."""
     max_bytes = int(cache_mb * 2**20)
@@ -357,7 +365,7 @@ def application(
     )
     return replica.bind(
         store.bind(max_bytes, cache_ttl_s), name, alias, version, tracking_uri(uri),
-        limits or Limits.from_env(), max_bytes, cache_ttl_s, follow_alias, poll_s,
+        limits or Limits.from_env(), max_bytes, cache_ttl_s, follow_alias, poll_s, test_views,
     )  # fmt: skip
 
 
@@ -378,6 +386,7 @@ def run(
         name, version, alias=alias, uri=uri, scale=Scale(options.replicas, options.autoscale),
         limits=limits, cache_mb=options.cache_mb, cache_ttl_s=options.cache_ttl_s,
         follow_alias=follow_alias, cpus_per_replica=options.cpus_per_replica,
+        test_views=options.test_views,
     )  # fmt: skip
     join_ray(None)
     # SIGTERM (a supervisor, `kill`) ends the server as Ctrl-C does: through the cleanup

@@ -5,9 +5,11 @@ The alias is resolved once, at start, and the server is started on that version
 champion is picked up by starting a server again (see docs/serving.md for a rollover
 without downtime). The server is MLflow's scoring server app, as `mlflow models serve
 --env-manager local` runs it, but behind `serve.limits.Guard`, which refuses a request
-past a limit before MLflow reads it: uvicorn runs `fewshot.serve.app:app` in this
-environment, the model downloaded once here. `Options` are the settings of both
-`fewshot serve` paths, this one and Ray Serve's (serve/ray_app.py).
+past a limit before MLflow reads it, with the gallery routes (serve/galleries.py) in
+front of it: uvicorn runs `fewshot.serve.app:app` in this environment, the model
+downloaded once here. Every answer names the test views computed in the header
+`x-fewshot-test-views`. `Options` are the settings of both `fewshot serve` paths, this
+one and Ray Serve's (serve/ray_app.py).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from typing import NoReturn
 import mlflow
 
 from fewshot.errors import RegistryError, ServeError
+from fewshot.models.views import VIEW_SHIFTS
 from fewshot.registry.versions import CHAMPION, alias_version, connect, current, require_model
 from fewshot.serve.limits import Limits
 from fewshot.tracking import tracking_uri
 
 # What `environment` tells the server's processes of the model they serve.
 MODEL_NAME, MODEL_VERSION = "FEWSHOT_SERVE_MODEL", "FEWSHOT_SERVE_MODEL_VERSION"
+TEST_VIEWS = "FEWSHOT_SERVE_TEST_VIEWS"  # --test-views, when given
 POLL_S = 2.0  # how often a server asks whether its galleries changed
 
 
@@ -55,10 +59,12 @@ def command(host: str, port: int, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
-def environment(name: str, version: str, limits: Limits, uri: str | None = None) -> dict[str, str]:
+def environment(
+    name: str, version: str, limits: Limits, uri: str | None = None, test_views: int | None = None
+) -> dict[str, str]:
     """What the server's processes need: the local copy of version `version` of model
     `name` (where MLflow's app reads it), its name and version (for the galleries),
-    MLflow's request timeout, the tracking URI and the limits."""
+    MLflow's request timeout, the tracking URI, the limits and --test-views."""
     from mlflow.pyfunc import scoring_server
 
     with current(uri):
@@ -66,7 +72,8 @@ def environment(name: str, version: str, limits: Limits, uri: str | None = None)
     _, env = scoring_server.get_cmd(local)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(uri)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return {**env, **limits.env(), MODEL_NAME: name, MODEL_VERSION: version}
+    views = {TEST_VIEWS: str(test_views)} if test_views else {}
+    return {**env, **limits.env(), MODEL_NAME: name, MODEL_VERSION: version, **views}
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class Options:
     cache_mb: float = 256  # --ray
     cache_ttl_s: float = 3600  # --ray
     cpus_per_replica: float = 1.0  # --ray
+    test_views: int | None = None  # None: as the model was trained
 
     def check(self) -> None:
         for option, count in (("--workers", self.workers), ("--replicas", self.replicas)):
@@ -97,6 +105,8 @@ class Options:
         for option, amount in amounts:
             if not (math.isfinite(amount) and amount > 0):
                 raise ServeError(f"{option} {amount}: give a finite number > 0")
+        if self.test_views is not None and not 1 <= self.test_views <= len(VIEW_SHIFTS):
+            raise ServeError(f"--test-views {self.test_views}: give 1 (none) to {len(VIEW_SHIFTS)}")
         check_port(self.host, self.port)
 
 
@@ -134,7 +144,7 @@ def serve(
     options.check()
     limits = Limits.from_env()
     version = resolve(name, alias, uri)
-    env = environment(name, version, limits, uri)
+    env = environment(name, version, limits, uri, options.test_views)
     host, port = options.host, options.port
     print(
         f"serving {name} version {version} (@{alias}) at http://{host}:{port}/invocations",
