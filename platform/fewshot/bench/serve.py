@@ -194,18 +194,22 @@ def empty_route(server: str, url: str, requests: int) -> list:
     return [server, p50, p99]
 
 
-def scoring_server_cells(bodies: Bodies, uri: str, requests: int) -> tuple[list[Cell], list]:
-    """The scoring server's cells, and its empty route (`empty_route`)."""
+def scoring_server_cells(
+    bodies: Bodies, uri: str, requests: int, test_views: int | None = None
+) -> tuple[list[Cell], list]:
+    """The scoring server's cells (computing `test_views` views, when given), and its
+    empty route (`empty_route`)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    views = ["--test-views", str(test_views)] if test_views else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "fewshot.cli", "serve", MODEL, "--port", str(port)],
+        [sys.executable, "-m", "fewshot.cli", "serve", MODEL, "--port", str(port), *views],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         Client(url).wait_ready(timeout=180)
-        label = "MLflow scoring server"
+        label = "MLflow scoring server" + (f", --test-views {test_views}" if views else "")
         return cells(label, url, bodies, requests), empty_route(label, url, requests)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -252,7 +256,7 @@ def scored(model: FewShotModel, support_z, support_y: torch.Tensor, query_z) -> 
 
 
 def bare_cells(
-    model: FewShotModel, support: SupportSet, queries: torch.Tensor, requests: int
+    model: FewShotModel, support: SupportSet, queries: torch.Tensor, requests: int, note: str = ""
 ) -> list[Cell]:
     """The task's tensors straight into the model in this process: one task at a time
     with 1 thread and with the process's CPUs, and BARE_TASKS copies of it in one pass
@@ -272,14 +276,13 @@ def bare_cells(
     for threads in sorted({1, cpus}):
         with using_threads(threads):
             p50, p99, per_s = measure(lambda: model.predict_task(support, queries), requests, 1)
-        rows.append(
-            Cell(f"{BARE}, {plural(threads, 'thread')}", "full", 1, p50, p99, per_s, images)
-        )
+        label = f"{BARE}, {plural(threads, 'thread')}{note}"
+        rows.append(Cell(label, "full", 1, p50, p99, per_s, images))
     with using_threads(cpus):
         p50, p99, passes_per_s = measure(tasks_in_one_pass, requests, 1)
     request = f"full, {BARE_TASKS} tasks in one pass"
     per_s = passes_per_s * BARE_TASKS
-    label = f"{BARE}, {plural(cpus, 'thread')}"
+    label = f"{BARE}, {plural(cpus, 'thread')}{note}"
     rows.append(Cell(label, request, BARE_TASKS, p50, p99, per_s, images))
     for row in rows:
         print(row.row(), file=sys.stderr, flush=True)
@@ -400,6 +403,11 @@ def run(workdir: Path, out: Path, data: Path, requests: int = 100) -> None:
         ),
     }
     served, scoring_ping = scoring_server_cells(bodies, uri, requests)
+    views = model.method.test_views
+    # The cheaper serving of the same model: one view of each image (`--test-views 1`).
+    model.method.with_test_views(1)
+    one_view = bare_cells(model, support_set, model.queries(queries), requests, ", 1 test view")
+    one_view += scoring_server_cells(bodies, uri, requests, test_views=1)[0]
     port = free_port()
     connect(None)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -408,16 +416,21 @@ def run(workdir: Path, out: Path, data: Path, requests: int = 100) -> None:
         ray_served, ray_ping = ray_serve_cells(bodies, task, uri, url, requests)
     finally:
         serve.shutdown()
-    rows += served + ray_served
+    rows += served + ray_served + one_view
     profile += served_rows(rows, [scoring_ping, ray_ping])
-    write(out, model, rows, profile, len(full), requests)
+    write(out, model, views, rows, profile, len(full), requests)
 
 
 def write(
-    out: Path, model: FewShotModel, rows: list[Cell], profile: list[list], size: int, requests: int
+    out: Path,
+    model: FewShotModel,
+    views: int,
+    rows: list[Cell],
+    profile: list[list],
+    size: int,
+    requests: int,
 ) -> None:
     members = model.method.members
-    views = members[0].params.test_views
     intro = (
         f"Measured on {machine()}; the model computes as `auto` picks here "
         f"({model.runtime.execution}). The model: what `make omniglot` promotes, an ensemble "
@@ -435,7 +448,8 @@ def write(
         f"the servers' throughput at concurrency 4. {requests} requests per cell after "
         f"{WARM_UP} warm-up requests, from client threads that share the machine's cores "
         "with the servers. The scoring server is one uvicorn worker with every CPU; one Ray "
-        "Serve replica gets every CPU, two get half each."
+        "Serve replica gets every CPU, two get half each. The last rows serve the same "
+        "model computing 1 test view instead (`fewshot serve --test-views 1`)."
     )
     header = ["server", "request", "concurrency", "p50 ms", "p99 ms", "requests/s", "images/s"]
     total = next(ms for stage, ms, _ in profile if stage == SUMMED)
