@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 import os
 import re
@@ -404,3 +405,19 @@ def test_the_gallery_recipes_requests_are_what_the_servers_take():
         body = re.sub(r"\$\(base64 -w0 [^)]+\)", "iVBORw0KGgo=", option(words, "-d"))
         assert option(words, "-H") == "Content-Type: application/json"
         check_request(body.encode(), "application/json", Limits(), kind)
+
+
+def test_the_method_advice_follows_the_folds_table():
+    """The README's order of methods is the folds bench's (each method by its best row),
+    and the mixup rows do not beat plain ProtoNet there."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "methods_folds.json").read_text())
+    error = {r["name"]: 1 - r["accuracy"]["20w1s"][0] for r in rows}
+    best: dict[str, float] = {}
+    for name, e in error.items():
+        family = name.split()[0].rstrip(",")
+        best[family] = min(e, best.get(family, 1.0))
+    advice = README.split("**Which method**:")[1].split("\n- **")[0]
+    said = re.findall(r"\b(CFN|MTL|TRML|Subspace|ProtoNet|MAML)\b", advice)
+    order = list(dict.fromkeys(said))[: len(best)]
+    assert order == sorted(best, key=best.get)
+    assert min(error["ProtoNet + MLTI"], error["ProtoNet + DATG"]) >= error["ProtoNet"]
