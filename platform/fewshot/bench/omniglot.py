@@ -340,6 +340,12 @@ def paired(episodes: list[float], reference: list[float]) -> tuple[float, float]
     return statistics.mean(differences), ci95
 
 
+def paired_with(compared: bool, *folds: dict) -> bool:
+    """Whether a row is compared and every fold holds its episodes (rows kept from a run
+    before they were recorded do not)."""
+    return compared and all("episodes" in f for f in folds)
+
+
 def pooled(result: dict) -> list[float]:
     return [a for f in result["folds"] for a in f["episodes"]]
 
@@ -364,8 +370,12 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
             held = ", ".join(
                 f"{a} ({w}-way)" for a, w in zip(f["held_out"], f["ways"], strict=True)
             )
-            versus = signed(*paired(f["episodes"], f0["episodes"])) if compared else "-"
-            steps = "+".join(str(s) for s in f["steps"])
+            versus = (
+                signed(*paired(f["episodes"], f0["episodes"]))
+                if paired_with(compared, f, f0)
+                else "-"
+            )
+            steps = "+".join(str(s) for s in f.get("steps", [])) or "-"
             rows.append(
                 [
                     label,
@@ -383,7 +393,9 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
                 f"**{label}: fold mean**",
                 f"all {sum(len(f['held_out']) for f in r['folds'])} alphabets",
                 f"**{error(a.mean, a.ci95)}**",
-                signed(*paired(pooled(r), pooled(first))) if compared else "-",
+                signed(*paired(pooled(r), pooled(first)))
+                if paired_with(compared, *r["folds"], *first["folds"])
+                else "-",
                 str(a.episodes),
                 f"{r['steps']} (mean)",
                 f"{r['minutes']:.1f}",
