@@ -185,9 +185,9 @@ def test_a_new_version_is_embedded_from_the_one_before(synthetic_store):
     rows = [galleries.entry(c, i) for c, images in support.items() for i in images]
     v1 = galleries.Version("g", 1, "m", "created", 3, 3, "run1", 0)
     v2 = galleries.Version("g", 2, "m", "added", 4, 4, "run2", 0)
-    first = embed(model, "1", v1, rows[:3], None)
-    second = embed(model, "1", v2, rows, first)
-    fresh = embed(model, "1", v2, rows, None)
+    first = embed(model, v1, rows[:3], None)
+    second = embed(model, v2, rows, first)
+    fresh = embed(model, v2, rows, None)
     assert all(second.rows[e.sha256] is first.rows[e.sha256] for e in rows[:3])
     assert second.classes == fresh.classes == list(support)
     x = model.queries(queries)

@@ -41,7 +41,7 @@ from fewshot.errors import FewShotError
 from fewshot.methods.base import Features, Prepared, cat_rows, split_rows
 from fewshot.registry import galleries
 from fewshot.registry.pyfunc import FewShotModel, SupportSet, answers, decode_base64
-from fewshot.serve.limits import Refused, check_request, read_body
+from fewshot.serve.limits import Refused, read_request, respond
 
 CLASSIFY, CLASSES = "/galleries/classify", "/galleries/classes"  # as `limits.ROUTES` names them
 VERSION_HEADER = "x-fewshot-model-version"  # the model version that answered
@@ -64,7 +64,6 @@ class Embedded:
     """A gallery version as one model version answers from it."""
 
     gallery: galleries.Version
-    model_version: str
     classes: list[str]  # class i of the answer's logits
     rows: dict[str, Features]  # image sha256 -> its features [1, ...] (splitting models)
     prepared: Prepared | None  # the support set as `score` takes it; None for MAML
@@ -87,7 +86,6 @@ class Embedded:
 
 def embed(
     model: FewShotModel,
-    model_version: str,
     version: galleries.Version,
     entries: list[galleries.Entry],
     before: Embedded | None,
@@ -98,7 +96,7 @@ def embed(
     method = model.method
     if not method.splits_prediction:
         x = model.preprocessing.tensor([e.image for e in entries], "gallery image")
-        return Embedded(version, model_version, classes, {}, None, SupportSet(classes, x, y))
+        return Embedded(version, classes, {}, None, SupportSet(classes, x, y))
     known = before.rows if before else {}
     new = list({e.sha256: e for e in entries if e.sha256 not in known}.values())
     rows = {e.sha256: known[e.sha256] for e in entries if e.sha256 in known}
@@ -108,7 +106,7 @@ def embed(
         rows.update(zip((e.sha256 for e in new), split_rows(z, [1] * len(new)), strict=True))
     support_z = cat_rows([rows[e.sha256] for e in entries])
     prepared = model.runtime.computed(method.prepare, support_z, y)
-    return Embedded(version, model_version, classes, rows, prepared, None)
+    return Embedded(version, classes, rows, prepared, None)
 
 
 class Book:
@@ -147,7 +145,7 @@ class Book:
             found = self.embedded.get((name, model_version))
             if found is not None and found.gallery.version >= version.version:
                 return found
-            made = embed(model, model_version, version, galleries.entries(version, self.uri), found)
+            made = embed(model, version, galleries.entries(version, self.uri), found)
             self.embedded[(name, model_version)] = made
         return made
 
@@ -238,33 +236,19 @@ class Routes:
 
             return await self.app(scope, receive, naming_views)
         name, kind = found
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         handle = self.book.classify if kind == CLASSIFY else self.book.add
         try:
-            body = await read_body(headers.get("content-length"), receive, self.limits)
-            inputs = check_request(body, headers.get("content-type", ""), self.limits, kind)
+            _, inputs = await read_request(scope, receive, self.limits, kind)
             # In a worker thread: the event loop goes on taking requests (and /ping).
             content = await asyncio.to_thread(handle, name, self.model, self.model_version, inputs)
             status, answer = 200, {**content, "model_version": self.model_version}
             answer["test_views"] = self.model.method.test_views
         except Refused as exc:
-            status, answer = exc.status, json.loads(exc.body())
+            status, answer = exc.status, exc.answer()
         except FewShotError as exc:
             status, answer = error(exc)
-        body = json.dumps(answer).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(body)),
-                    (VERSION_HEADER.encode(), self.model_version.encode()),
-                    views,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        version = (VERSION_HEADER.encode(), self.model_version.encode())
+        await respond(send, status, json.dumps(answer).encode(), [version, views])
 
 
 def error(exc: FewShotError) -> tuple[int, dict]:

@@ -70,12 +70,15 @@ class Refused(Exception):
         super().__init__(message)
         self.status, self.limit = status, limit
 
-    def body(self) -> bytes:
+    def answer(self) -> dict[str, Any]:
         code = {413: "REQUEST_LIMIT_EXCEEDED", 415: "BAD_REQUEST"}.get(self.status, "BAD_REQUEST")
         answer: dict[str, Any] = {"error_code": code, "message": str(self)}
         if self.limit:
             answer["limit"] = self.limit
-        return json.dumps(answer).encode()
+        return answer
+
+    def body(self) -> bytes:
+        return json.dumps(self.answer()).encode()
 
 
 def quote(text: str, limit: int = QUOTE) -> str:
@@ -181,6 +184,21 @@ async def read_body(content_length: str | None, receive, limits: Limits) -> byte
     return b"".join(chunks)
 
 
+async def read_request(scope, receive, limits: Limits, route: str) -> tuple[bytes, dict[str, Any]]:
+    """An ASGI request to `route` (one of ROUTES): its body, read within the limits
+    (`read_body`), and its checked "inputs" (`check_request`)."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    body = await read_body(headers.get("content-length"), receive, limits)
+    return body, check_request(body, headers.get("content-type", ""), limits, route)
+
+
+async def respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An ASGI answer of JSON `body`, with `headers` besides its type and length."""
+    start = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def shorten_error(body: bytes) -> bytes:
     """A 4xx answer with its `message` (or the whole body) quoting at most QUOTE characters."""
     try:
@@ -206,12 +224,10 @@ class Guard:
         send = self._shortening(send)
         if scope["method"] != "POST" or scope["path"].rstrip("/") != "/invocations":
             return await self.app(scope, receive, send)
-        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await read_body(headers.get(b"content-length"), receive, self.limits)
-            check_request(body, headers.get(b"content-type", ""), self.limits)
+            body, _ = await read_request(scope, receive, self.limits, "/invocations")
         except Refused as exc:
-            return await self._answer(send, exc.status, exc.body())
+            return await respond(send, exc.status, exc.body())
         delivered = False
 
         async def replay():
@@ -222,12 +238,6 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _answer(send, status: int, body: bytes) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
     def _shortening(self, send):
         held: dict[str, Any] = {}

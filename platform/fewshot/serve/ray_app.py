@@ -277,25 +277,28 @@ class Replica:
             )
             self.near.add_prepared(key, loaded.version, prepared)
             await self.store.add_prepared.remote(key, loaded.version, prepared)
-        queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
-        (query_z,) = await self.features((loaded, [queries]))
-        logits = await computed(loaded, loaded.model.method.score, prepared, query_z)
-        return {"predictions": answers(entry.classes, logits)}
+        return {"predictions": answers(entry.classes, await self.scored(loaded, prepared, inputs))}
 
     async def gallery_classify(self, loaded: Loaded, name: str, inputs: dict) -> dict:
         """Queries against gallery `name`, their features batched with other requests'."""
         model = loaded.model
         embedded = await asyncio.to_thread(self.book.embedding, name, model, loaded.version)
-        queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
         if embedded.prepared is None:  # a model that adapts to each whole task
+            queries = model.queries(decode_base64(inputs["query_images"], "query_images"))
             logits = await asyncio.to_thread(embedded.logits, model, queries)
         else:
-            (query_z,) = await self.features((loaded, [queries]))
-            logits = await computed(loaded, model.method.score, embedded.prepared, query_z)
+            logits = await self.scored(loaded, embedded.prepared, inputs)
         return embedded.answer(answers(embedded.classes, logits))
 
     async def gallery_add(self, loaded: Loaded, name: str, inputs: dict) -> dict:
         return await asyncio.to_thread(self.book.add, name, loaded.model, loaded.version, inputs)
+
+    async def scored(self, loaded: Loaded, prepared: Prepared, inputs: dict) -> torch.Tensor:
+        """The request's query_images against a prepared support set -> logits [M, N],
+        their features batched with other requests'."""
+        queries = loaded.model.queries(decode_base64(inputs["query_images"], "query_images"))
+        (query_z,) = await self.features((loaded, [queries]))
+        return await computed(loaded, loaded.model.method.score, prepared, query_z)
 
     async def prepare(self, loaded: Loaded, support: SupportSet) -> Prepared:
         (support_z,) = await self.features((loaded, [support.x]))
