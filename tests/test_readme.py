@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 
 from fewshot.cli import app
 from fewshot.jobs import split_command
@@ -421,3 +422,24 @@ def test_the_method_advice_follows_the_folds_table():
     order = list(dict.fromkeys(said))[: len(best)]
     assert order == sorted(best, key=best.get)
     assert min(error["ProtoNet + MLTI"], error["ProtoNet + DATG"]) >= error["ProtoNet"]
+
+
+def test_the_headline_figure_is_the_fold_mean_of_what_make_omniglot_trains():
+    """The README's headline figure is the folds bench's row of an ensemble of the same
+    members as recipes/omniglot_members.yaml (their settings other than the length of
+    training, which `make omniglot` fits to its budget)."""
+
+    def settings(member: dict) -> dict:
+        return {k: v for k, v in member.items() if not k.startswith("train.")}
+
+    recipes = ROOT / "platform" / "fewshot" / "recipes"
+    members = yaml.safe_load((recipes / "omniglot_members.yaml").read_text())["members"]
+    bench = ROOT / "jobs" / "configs" / "bench" / "omniglot_levers.yaml"
+    rows = yaml.safe_load(bench.read_text())["rows"]
+    wanted = [settings(m["set"]) for m in members]
+    (row,) = [r for r in rows if [settings(s) for s in r.get("ensemble", [])] == wanted]
+    results = json.loads((ROOT / "benchmarks" / "results" / "omniglot_levers.json").read_text())
+    (measured,) = [r for r in results if r["name"] == row["name"]]
+    mean, ci95, _ = measured["accuracy"]["20w1s"]
+    section = README.split("### The Omniglot headline model")[1].split("\n### ")[0]
+    assert f"**{100 * (1 - mean):.2f} ± {100 * ci95:.2f}%** errors" in section

@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.methods import MethodParams, method_class
+from fewshot.models.views import VIEW_SHIFTS
 
 # The one rule for the names of runs, searches and registered models. `.` or `..` would
 # make output_dir/NAME the output directory or its parent, which --restart deletes, and
@@ -177,6 +178,18 @@ class PretrainConfig(Section):
     steps: int = Field(0, ge=0)  # 0: no pre-training
     batch_size: int = Field(64, ge=2)  # images per step, over all workers
     lr: float = Field(1e-3, gt=0)
+
+
+class DistillConfig(Section):
+    """Distillation (train/distill.py): meta-train towards a trained teacher's answers on
+    each training episode as well as towards its labels."""
+
+    # Run directories, model files or MLflow run ids; several: their ensemble. []: none.
+    teachers: list[str] = []
+    weight: float = Field(0.5, ge=0, le=1)  # of the teacher's term; 1 - weight: the labels'
+    temperature: float = Field(4.0, gt=0)  # softens the teacher's and the student's answers
+    # The teacher's test views while it teaches (models/views.py): each costs a forward pass.
+    teacher_views: int = Field(1, ge=1, le=len(VIEW_SHIFTS))
 
 
 class TaskMixupConfig(Section):
@@ -335,6 +348,7 @@ class Config(Section):
     method: MethodConfig = MethodConfig()
     pretrain: PretrainConfig = PretrainConfig()
     task_mixup: TaskMixupConfig = TaskMixupConfig()
+    distill: DistillConfig = DistillConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -440,6 +454,12 @@ def validate(raw: dict[str, Any]) -> Config:
             f"data.val_groups: holds validation classes out of the train split, but "
             f"data.val_split = {config.data.val_split!r} already names a validation split; "
             "set data.val_split: null (or unset data.val_groups)"
+        )
+    if config.distill.teachers and config.task_mixup.strategy != "none":
+        raise ConfigError(
+            f"distill.teachers: task mixup ({config.task_mixup.strategy}) trains on mixed "
+            "hidden representations, which no teacher can answer; set task_mixup.strategy="
+            "none or distill.teachers=[]"
         )
     cls = method_class(config.method.name)
     try:

@@ -134,6 +134,12 @@ def from_run(source: str | Path, tracking_uri: str | None = None) -> tuple[Confi
     return load(locate(source, tracking_uri))
 
 
+def predictor(sources: list[str], tracking_uri: str | None = None) -> FewShotMethod | Ensemble:
+    """The trained model of one source (`from_run`'s), or the ensemble of several."""
+    methods = [from_run(s, tracking_uri)[1] for s in sources]
+    return methods[0] if len(methods) == 1 else Ensemble(methods)
+
+
 def locate(source: str | Path, tracking_uri: str | None = None) -> Path:
     """The model file of a model file, a run directory, or an MLflow run id (fetched)."""
     path = Path(source)

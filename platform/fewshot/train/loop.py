@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot import model_file
 from fewshot.augment.images import training_jitter
 from fewshot.augment.task_mixup import TaskMixup
 from fewshot.config import Config, TrainConfig
@@ -48,6 +49,7 @@ from fewshot.streams import Stream
 from fewshot.train.budget import PLANNED, USED, Plan
 from fewshot.train.comm import Comm, all_reduce_gradients
 from fewshot.train.datasets import Datasets
+from fewshot.train.distill import Distillation
 from fewshot.train.pretrain import pretrain
 from fewshot.train.tasks import Episodes, TaskSource
 
@@ -136,6 +138,8 @@ class Worker:
         self.device, self.amp = self.runtime.device, self.runtime.amp
         self.memory_format = self.runtime.memory_format
         self.method.to(self.device, memory_format=self.memory_format)
+        if config.distill.teachers:
+            self.tasks = self.distillation(config)
         self.val_sampler = None
         if data.val is not None:
             v = config.eval_episode()
@@ -149,6 +153,14 @@ class Worker:
         self.pretrained = False
         # The steps to train and their schedule (train.minutes); `config` as planned.
         self.plan = Plan(config)
+
+    def distillation(self, config: Config) -> Distillation:
+        """The plain tasks, taught by `distill.teachers` on this worker's device."""
+        sources = config.distill.teachers
+        teacher = model_file.predictor(sources, config.tracking.uri)
+        Distillation.check(teacher, self.method.shape, sources)
+        teacher.to(self.device, memory_format=self.memory_format)
+        return Distillation(config.distill, teacher, self.tasks)
 
     def probe(self) -> Probe:
         """The step the runtime's candidates are timed on: the method's loss on this run's

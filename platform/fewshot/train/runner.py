@@ -177,6 +177,8 @@ def train(
     d = config.data
     require_splits(d.path, [*d.train_split, *([d.val_split] if d.val_split else [])])
     check_test_split(config)
+    for teacher in config.distill.teachers:
+        model_file.locate(teacher, config.tracking.uri)
     if not config.distributed.workers:  # Ray workers check their own machine's CPUs
         check_threads(config.train.threads)
     with run.started() as tracker:
