@@ -162,6 +162,29 @@ def test_a_folds_ensemble_row_averages_each_folds_members(workdir, folds_file):
     assert pair["minutes"] > recipe["minutes"]  # both members' training
 
 
+def test_a_folds_distilled_row_is_taught_by_each_folds_teachers(workdir, folds_file):
+    spec = yaml.safe_load(folds_file.read_text())
+    teachers = [{}, {"seed": 1}]
+    spec["rows"] = [
+        {"name": "recipe"},
+        {"name": "pair", "ensemble": teachers},
+        {"name": "student", "set": {"seed": 2}, "teachers": teachers},
+    ]
+    folds_file.write_text(yaml.safe_dump(spec))
+    _, pair, student = omniglot.run(folds_file, workdir / "o.md")
+    runs = [from_run(p) for p in (workdir / "runs").iterdir() if (p / "model.pt").is_file()]
+    assert len(runs) == 9  # 3 folds x (2 teachers, reused from the ensemble row, + 1 student)
+    students = [(c, m) for c, m in runs if c.distill.teachers]
+    assert len(students) == 3 and all(m.name == "protonet" for _, m in students)
+    by_dir = {str(p): from_run(p)[0] for p in (workdir / "runs").iterdir()}
+    for config, _ in students:  # taught by the two teachers of its own fold
+        taught_by = [by_dir[t] for t in config.distill.teachers]
+        assert sorted(t.seed for t in taught_by) == [0, 1]
+        assert all(t.data.train_classes == config.data.train_classes for t in taught_by)
+    assert student["minutes"] > pair["minutes"]  # the teachers' training, and its own
+    assert "student: fold mean" in (workdir / "o.md").read_text()
+
+
 def synthetic_store_of(spec: dict) -> Path:
     return Path(spec["base"]["data"]["path"])
 

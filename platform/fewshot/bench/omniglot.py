@@ -25,7 +25,10 @@ starts from, and `rows`, each a `name` and one of
   with the same training settings (test-time augmentation on or off);
 - `ensemble:` a list of `set:` dicts, one per member, whose models' log-probabilities
   are averaged (members trained already by another row are reused); under the folds,
-  one ensemble per fold of that fold's members.
+  one ensemble per fold of that fold's members;
+- `teachers:` (with `set:`) a list of `set:` dicts whose models (under the folds, the
+  fold's) teach the row's model (`distill.teachers`, train/distill.py); reused as
+  `ensemble:` members are, and their minutes count in the row's.
 A row with `curve: true` contributes its validation error over training minutes to
 the plot (two-way only). Results: a markdown table, its rows as JSON (for `--only`),
 and a PNG plot.
@@ -60,7 +63,7 @@ from fewshot.tracking import tracking_uri
 from fewshot.train.runner import train
 
 HUMAN_ERROR = 4.5  # % (Lake et al. 2015), the same task on the evaluation alphabets
-ROW_KEYS = {"name", "set", "test_set", "ensemble", "curve"}
+ROW_KEYS = {"name", "set", "test_set", "ensemble", "teachers", "curve"}
 
 
 def read_spec(path: Path) -> dict[str, Any]:
@@ -109,6 +112,7 @@ class Trained:
     test: Accuracy  # on the config's own test episodes
     minutes: float  # wall clock of the training run, its final test included
     run_id: str | None
+    run_dir: Path
     steps: int  # trained (fewer than train.steps under train.minutes)
 
 
@@ -125,7 +129,7 @@ class Models:
             minutes = (time.perf_counter() - started) / 60
             _, method = from_run(result.run_dir)
             self.trained[config.name] = Trained(
-                config, method, result.test, minutes, result.run_id, result.steps
+                config, method, result.test, minutes, result.run_id, result.run_dir, result.steps
             )
         return self.trained[config.name]
 
@@ -140,6 +144,18 @@ def validation_curve(run_id: str | None, uri: str | None) -> list[tuple[float, f
     start = client.get_run(run_id).info.start_time
     history = client.get_metric_history(run_id, "val_acc")
     return [((m.timestamp - start) / 60000, 100 * (1 - m.value)) for m in history]
+
+
+def taught(row: dict, base: dict, bench: str, models: Models, fold: dict) -> tuple[dict, float]:
+    """The row's `set` (with the `fold` settings), its `distill.teachers` the run
+    directories of the row's `teachers` trained under the same `fold` settings; and
+    the teachers' training minutes."""
+    settings = {**(row.get("set") or {}), **fold}
+    if not row.get("teachers"):
+        return settings, 0.0
+    teachers = [models.get(configured(base, bench, {**t, **fold})) for t in row["teachers"]]
+    settings["distill.teachers"] = [str(t.run_dir) for t in teachers]
+    return settings, sum(t.minutes for t in teachers)
 
 
 def at_test_time(row: dict, config: Config, method) -> tuple[Config, Any]:
@@ -163,9 +179,10 @@ def run_row(row: dict, base: dict, bench: str, models: Models) -> dict:
         )
         accuracy = mean_ci(episode_accuracies(ensemble, episodes))
         return summary(row, config, accuracy, sum(m.minutes for m in members), [])
-    trained = models.get(configured(base, bench, row.get("set") or {}))
+    settings, teaching = taught(row, base, bench, models, {})
+    trained = models.get(configured(base, bench, settings))
     config, method, accuracy = trained.config, trained.method, trained.test
-    minutes, run_id = trained.minutes, trained.run_id
+    minutes, run_id = trained.minutes + teaching, trained.run_id
     if row.get("test_set"):
         tested, rebuilt = at_test_time(row, config, method)
         accuracy = evaluate_method(rebuilt, tested)
@@ -218,15 +235,17 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
     pooled: list[float] = []
     per_fold, minutes = [], 0.0
     for fold in leave_groups_out(images, folds):
-        names = [images.class_names[c] for c in fold.train]
-        trained = [
-            models.get(configured(base, bench, {**(s or {}), "data.train_classes": names}))
-            for s in members
-        ]
+        names = {"data.train_classes": [images.class_names[c] for c in fold.train]}
+        if row.get("ensemble"):
+            settings, teaching = [{**(s or {}), **names} for s in members], 0.0
+        else:
+            one, teaching = taught(row, base, bench, models, names)
+            settings = [one]
+        trained = [models.get(configured(base, bench, s)) for s in settings]
         config, method = trained[0].config, trained[0].method
         if len(trained) > 1:
             method = Ensemble([m.method for m in trained])
-        fold_minutes = sum(m.minutes for m in trained)
+        fold_minutes = sum(m.minutes for m in trained) + teaching
         if row.get("test_set"):
             config, method = at_test_time(row, config, method)
         accuracies = fold_accuracies(method, config, images, fold)
@@ -246,6 +265,7 @@ def run_folds(row: dict, base: dict, bench: str, models: Models, folds: int) -> 
     return {
         "name": row["name"],
         "direction": f"{folds} folds",
+        "machine": machine(),
         "steps": round(statistics.mean(s for f in per_fold for s in f["steps"])),
         "test_time_only": bool(row.get("test_set")),
         "transductive": config.evaluate.transductive,
@@ -419,7 +439,7 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
         "CI of the per-episode differences (paired). Steps: trained per fold (a time "
         "budget, `train.minutes`, trains what fits). Run min: wall-clock minutes of each "
         "fold's training run (pre-training and its own final test included). "
-        f"Recipe: {spec.get('recipe', '')} Machine: {machine()}.",
+        f"Recipe: {spec.get('recipe', '')} {machines(results)}",
         ["row", "held-out alphabets", "error % ± CI", "error change", "episodes", "steps",
          "run min"],
         rows,
@@ -427,6 +447,17 @@ def write_folds(out: Path, spec: dict, results: list[dict]) -> None:
     if spec.get("claims"):
         with out.open("a") as markdown:
             markdown.write("\n" + "\n".join(claims_table(spec["claims"], results)) + "\n")
+
+
+def machines(results: list[dict]) -> str:
+    """The machine each row was measured on (rows kept from an `--only` run on another
+    machine keep theirs): one sentence."""
+    rows: dict[str, list[str]] = {}
+    for r in results:
+        rows.setdefault(r.get("machine", machine()), []).append(r["name"])
+    if len(rows) == 1:
+        return f"Machine: {next(iter(rows))}."
+    return "Machines: " + "; ".join(f"{m} for {', '.join(n)}" for m, n in rows.items()) + "."
 
 
 def signed(change: float, ci95: float) -> str:
