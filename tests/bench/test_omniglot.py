@@ -176,9 +176,9 @@ def test_a_folds_distilled_row_is_taught_by_each_folds_teachers(workdir, folds_f
     assert len(runs) == 9  # 3 folds x (2 teachers, reused from the ensemble row, + 1 student)
     students = [(c, m) for c, m in runs if c.distill.teachers]
     assert len(students) == 3 and all(m.name == "protonet" for _, m in students)
-    by_dir = {str(p): from_run(p)[0] for p in (workdir / "runs").iterdir()}
+    by_name = {p.name: from_run(p)[0] for p in (workdir / "runs").iterdir()}
     for config, _ in students:  # taught by the two teachers of its own fold
-        taught_by = [by_dir[t] for t in config.distill.teachers]
+        taught_by = [by_name[Path(t).name] for t in config.distill.teachers]
         assert sorted(t.seed for t in taught_by) == [0, 1]
         assert all(t.data.train_classes == config.data.train_classes for t in taught_by)
     assert student["minutes"] > pair["minutes"]  # the teachers' training, and its own
