@@ -225,11 +225,13 @@ def test_a_started_search_is_not_started_again(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs" / "tune").glob("*.yaml")))
 def test_ready_made_tune_files_are_valid(path):
+    """Scored on whole alphabets held out of the training split (one of small1's for the
+    methods, two of the merged sets' for the Omniglot recipe), never on the test split."""
     spec = read_tune_file(path)
     assert spec.name == f"tune_{path.stem}"  # the search is named for what it tunes
-    assert spec.base.data.val_groups == 1 and spec.base.data.val_split is None
+    assert spec.base.data.val_groups in (1, 2) and spec.base.data.val_split is None
     assert spec.base.data.test_split == "small2"
-    assert spec.max_rounds >= 2 and spec.trials() >= 8
+    assert spec.max_rounds >= 2 and spec.trials() >= 6
 
 
 def test_objective_plot_has_a_panel_per_field(tmp_path):
