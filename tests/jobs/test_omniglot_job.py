@@ -80,6 +80,7 @@ def test_the_command_trains_each_member_once_promotes_once_and_is_idempotent(
     # Resumed per member: the finished one is not trained again.
     assert "trained already" in first.stderr and "train omniglot-40way" in first.stderr
     assert "train omniglot-stroke" not in first.stderr
+    assert "resumes" not in first.stderr  # the 40-way member had no checkpoint to resume
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("omniglot", "champion")
     assert str(champion.version) == "1"

@@ -91,7 +91,8 @@ def run(data: Path, minutes: str | float, overrides: list[str], say: Say) -> Non
         if member_dir.finished():
             say(f"[bold]2/4[/] trained already: {member_dir.model}")
             continue
-        say(f"[bold]2/4[/] train {member.name} (resumes from its last checkpoint)")
+        resumed = " (resumes from its last checkpoint)" if member_dir.checkpoint.exists() else ""
+        say(f"[bold]2/4[/] train {member.name}{resumed}")
         # runner's, not pipeline's: a member is not the model to register, though the
         # recipe's registry settings (the ensemble's) are in its config.
         runner.train(member, progress=True)
